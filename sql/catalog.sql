@@ -1,0 +1,39 @@
+-- synchdb catalog: connector definitions and per-connector bookkeeping.
+
+-- One row per connector. Users may edit "data" with jsonb_set; the next start
+-- of the connector reads it again. Holds the source password: no access for
+-- PUBLIC (superusers only), see synchdb_conninfo_view for the rest.
+CREATE TABLE synchdb_conninfo (
+    name     text PRIMARY KEY,
+    isactive bool NOT NULL DEFAULT false,
+    data     jsonb NOT NULL
+);
+REVOKE ALL ON synchdb_conninfo FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('synchdb_conninfo', '');
+
+-- The mode a connector was last started in (used when the server restarts it).
+CREATE TABLE synchdb_runtime (
+    name       text PRIMARY KEY REFERENCES synchdb_conninfo (name)
+                   ON DELETE CASCADE ON UPDATE CASCADE,
+    mode       text NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now()
+);
+REVOKE ALL ON synchdb_runtime FROM PUBLIC;
+
+-- Per captured table: where it lands and whether its snapshot is complete.
+-- state 'ready' with sync_lsn L: the table holds every source transaction that
+-- committed before L; the stream applies its changes from L on.
+CREATE TABLE synchdb_table_state (
+    name        text NOT NULL REFERENCES synchdb_conninfo (name)
+                    ON DELETE CASCADE ON UPDATE CASCADE,
+    src_schema  text NOT NULL,
+    src_table   text NOT NULL,
+    dst_schema  text NOT NULL,
+    dst_table   text NOT NULL,
+    state       text NOT NULL CHECK (state IN ('ready', 'schema')),
+    sync_lsn    pg_lsn NOT NULL DEFAULT '0/0',
+    rows_copied bigint NOT NULL DEFAULT 0,
+    synced_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, src_schema, src_table)
+);
+REVOKE ALL ON synchdb_table_state FROM PUBLIC;

@@ -1,0 +1,28 @@
+-- synchdb views and privileges (runs after the functions exist).
+
+-- Every connector of this database, running or not. Built over the shared
+-- memory copy returned by synchdb_state_rows(); the password is never part of it.
+CREATE VIEW synchdb_state_view AS
+SELECT c.name::text                                                   AS name,
+       lower(c.data ->> 'connector')                                  AS connector_type,
+       coalesce(s.pid, -1)                                            AS pid,
+       coalesce(s.stage, '')                                          AS stage,
+       coalesce(s.state, 'stopped')                                   AS state,
+       coalesce(s.err, 'no error')                                    AS err,
+       coalesce(s.last_dbz_offset, 'offset file not flushed yet')     AS last_dbz_offset
+  FROM synchdb_conninfo c
+  LEFT JOIN synchdb_state_rows() s ON s.name = c.name
+ ORDER BY c.name;
+GRANT SELECT ON synchdb_state_view TO PUBLIC;
+
+-- The connector definitions without the password, readable by everyone.
+CREATE VIEW synchdb_conninfo_view AS
+SELECT name, isactive, data - 'pwd' AS data
+  FROM synchdb_conninfo;
+GRANT SELECT ON synchdb_conninfo_view TO PUBLIC;
+
+-- Controlling connectors is for superusers (and roles they grant it to).
+REVOKE EXECUTE ON FUNCTION synchdb_add_conninfo(text, text, integer, text, text, text, text, text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_del_conninfo(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_start_engine_bgw(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_stop_engine_bgw(text) FROM PUBLIC;

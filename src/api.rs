@@ -1,0 +1,365 @@
+//! The SQL surface: `synchdb_add_conninfo`, `synchdb_del_conninfo`,
+//! `synchdb_start_engine_bgw`, `synchdb_stop_engine_bgw` and the set-returning
+//! function behind `synchdb_state_view`. Validates input, turns every failure
+//! into an ERROR with a real SQLSTATE, and starts/stops connector workers.
+
+use crate::conninfo::{self, ConfigError, ConnInfo, Mode};
+use crate::shmem::{self, Claim};
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use std::time::{Duration, Instant};
+
+/// Raises an ERROR (or the given level) with SQLSTATE, detail and hint.
+pub fn raise(code: PgSqlErrorCode, msg: String, detail: Option<String>, hint: Option<&str>) -> ! {
+    let mut r = pgrx::pg_sys::panic::ErrorReport::new(code, msg, "synchdb");
+    if let Some(d) = detail {
+        r = r.set_detail(d);
+    }
+    if let Some(h) = hint {
+        r = r.set_hint(h);
+    }
+    r.report(PgLogLevel::ERROR);
+    unreachable!("ERROR report returned")
+}
+
+fn config_error(e: ConfigError) -> ! {
+    let (code, hint) = match &e {
+        ConfigError::NameTooLong(..) => (PgSqlErrorCode::ERRCODE_NAME_TOO_LONG, None),
+        ConfigError::Unsupported(_) => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Some("Only 'postgres' sources are supported."),
+        ),
+        ConfigError::BadMode(_) => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Some("Valid modes are initial, initial_only, no_data, never and always."),
+        ),
+        ConfigError::BadTable { .. } => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Some("Give 'null' for every table of the schema, or a comma-separated list of schema.table entries."),
+        ),
+        ConfigError::BadStored(_) => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Some("Fix the row in synchdb_conninfo or delete and add the connector again."),
+        ),
+        _ => (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None),
+    };
+    raise(code, e.to_string(), None, hint)
+}
+
+fn spi_error(e: pgrx::spi::Error) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("synchdb catalog access failed: {e}"),
+        None,
+        None,
+    )
+}
+
+pub fn my_database() -> pg_sys::Oid {
+    unsafe { pg_sys::MyDatabaseId }
+}
+
+fn unknown_connector(name: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("connector \"{name}\" does not exist"),
+        None,
+        Some("See SELECT name FROM synchdb_conninfo_view for the defined connectors."),
+    )
+}
+
+/// Reads a connector definition; `None` when there is no such connector.
+pub fn load_conninfo(name: &str) -> Option<(bool, ConnInfo)> {
+    let row = Spi::get_two_with_args::<bool, JsonB>(
+        "SELECT isactive, data FROM public.synchdb_conninfo WHERE name = $1",
+        &[name.into()],
+    );
+    match row {
+        Ok((Some(active), Some(data))) => match ConnInfo::from_json(&data.0) {
+            Ok(info) => Some((active, info)),
+            Err(e) => config_error(e),
+        },
+        Ok(_) => None,
+        Err(pgrx::spi::Error::InvalidPosition) => None,
+        Err(e) => spi_error(e),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern]
+fn synchdb_add_conninfo(
+    name: Option<&str>,
+    hostname: Option<&str>,
+    port: Option<i32>,
+    user: Option<&str>,
+    pwd: Option<&str>,
+    srcdb: Option<&str>,
+    srcschema: Option<&str>,
+    table: Option<&str>,
+    snapshottable: Option<&str>,
+    connector: Option<&str>,
+) -> i32 {
+    let name = name.unwrap_or_default();
+    if let Err(e) = conninfo::check_name(name) {
+        config_error(e);
+    }
+    let null_word = |v: Option<&str>| {
+        if conninfo::is_null_word(v) {
+            "null".to_string()
+        } else {
+            v.unwrap_or_default().trim().to_string()
+        }
+    };
+    let info = ConnInfo {
+        hostname: hostname.unwrap_or_default().trim().to_string(),
+        port: port.unwrap_or(0),
+        user: user.unwrap_or_default().to_string(),
+        pwd: pwd.unwrap_or_default().to_string(),
+        srcdb: srcdb.unwrap_or_default().to_string(),
+        srcschema: srcschema.unwrap_or_default().trim().to_string(),
+        table: null_word(table),
+        snapshottable: null_word(snapshottable),
+        connector: connector.unwrap_or_default().trim().to_ascii_lowercase(),
+    };
+    if let Err(e) = info.validate() {
+        config_error(e);
+    }
+    if load_conninfo(name).is_some() {
+        raise(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            format!("connector \"{name}\" already exists"),
+            None,
+            Some("Choose another name, or remove it first with synchdb_del_conninfo."),
+        );
+    }
+    let data = match serde_json::to_value(&info) {
+        Ok(v) => v,
+        Err(e) => raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            e.to_string(),
+            None,
+            None,
+        ),
+    };
+    if let Err(e) = Spi::run_with_args(
+        "INSERT INTO public.synchdb_conninfo (name, isactive, data) VALUES ($1, false, $2)",
+        &[name.into(), JsonB(data).into()],
+    ) {
+        spi_error(e);
+    }
+    0
+}
+
+#[pg_extern]
+fn synchdb_del_conninfo(name: &str) -> i32 {
+    let Some((_, info)) = load_conninfo(name) else {
+        unknown_connector(name)
+    };
+    stop_worker(name, Duration::from_secs(30));
+    crate::worker::drop_source_objects(name, &info);
+    crate::worker::drop_local_origin(name);
+    if let Err(e) = Spi::run_with_args(
+        "DELETE FROM public.synchdb_conninfo WHERE name = $1",
+        &[name.into()],
+    ) {
+        spi_error(e);
+    }
+    shmem::free(my_database(), name);
+    0
+}
+
+#[pg_extern]
+fn synchdb_start_engine_bgw(name: &str, mode: default!(&str, "'initial'")) -> i32 {
+    let mode = match Mode::parse(mode) {
+        Ok(m) => m,
+        Err(e) => config_error(e),
+    };
+    let Some((_, info)) = load_conninfo(name) else {
+        unknown_connector(name)
+    };
+    if let Err(e) = info.validate() {
+        config_error(e);
+    }
+    if let Err(e) = Spi::run_with_args(
+        "INSERT INTO public.synchdb_runtime (name, mode, started_at) VALUES ($1, $2, now())
+         ON CONFLICT (name) DO UPDATE SET mode = EXCLUDED.mode, started_at = now()",
+        &[name.into(), mode.as_str().into()],
+    ) {
+        spi_error(e);
+    }
+    if let Err(e) = Spi::run_with_args(
+        "UPDATE public.synchdb_conninfo SET isactive = true WHERE name = $1",
+        &[name.into()],
+    ) {
+        spi_error(e);
+    }
+    match start_worker(my_database(), name, mode) {
+        Ok(_) => 0,
+        Err(StartError::AlreadyRunning(pid)) => raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+            format!("connector \"{name}\" is already running"),
+            Some(format!("Its worker has PID {pid}.")),
+            Some("Stop it first with synchdb_stop_engine_bgw, or use synchdb_restart_connector."),
+        ),
+        Err(StartError::NoSlot) => raise(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "out of synchdb connector slots".into(),
+            None,
+            Some("You might need to increase synchdb.max_connectors."),
+        ),
+        Err(StartError::NoWorker) => raise(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "out of background worker slots".into(),
+            Some(format!(
+                "Could not register a worker for connector \"{name}\"."
+            )),
+            Some("You might need to increase max_worker_processes."),
+        ),
+    }
+}
+
+#[pg_extern]
+fn synchdb_stop_engine_bgw(name: &str) -> i32 {
+    if load_conninfo(name).is_none() {
+        unknown_connector(name);
+    }
+    if let Err(e) = Spi::run_with_args(
+        "UPDATE public.synchdb_conninfo SET isactive = false WHERE name = $1",
+        &[name.into()],
+    ) {
+        spi_error(e);
+    }
+    if !stop_worker(name, Duration::from_secs(60)) {
+        pgrx::notice!("connector \"{name}\" is not running");
+    }
+    0
+}
+
+#[pg_extern]
+fn synchdb_state_rows() -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(pid, i32),
+        name!(stage, String),
+        name!(state, String),
+        name!(err, String),
+        name!(last_dbz_offset, String),
+    ),
+> {
+    let rows = shmem::snapshot(my_database())
+        .into_iter()
+        .map(|s| {
+            (
+                s.name,
+                s.pid,
+                s.stage.as_str().to_string(),
+                s.state.as_str().to_string(),
+                s.err,
+                s.offset,
+            )
+        })
+        .collect::<Vec<_>>();
+    TableIterator::new(rows)
+}
+
+/// Why a worker could not be started.
+pub enum StartError {
+    AlreadyRunning(i32),
+    NoSlot,
+    NoWorker,
+}
+
+/// Registers the connector's background worker and waits until the
+/// postmaster started it. Used by `synchdb_start_engine_bgw` and by the
+/// start-up path that brings active connectors back after a restart.
+pub fn start_worker(dboid: pg_sys::Oid, name: &str, mode: Mode) -> Result<i32, StartError> {
+    let idx = match shmem::claim_for_start(dboid, name) {
+        Claim::Claimed(i) => i,
+        Claim::AlreadyRunning(pid) => return Err(StartError::AlreadyRunning(pid)),
+        Claim::NoFreeSlot => return Err(StartError::NoSlot),
+    };
+    let extra = format!("{idx}:{}:{name}", mode.as_str());
+    let builder = BackgroundWorkerBuilder::new(&format!("synchdb connector {name}"))
+        .set_type("synchdb connector")
+        .set_library("synchdb")
+        .set_function("synchdb_engine_main")
+        .enable_shmem_access(None)
+        .enable_spi_access()
+        .set_restart_time(None)
+        .set_argument(Some(pg_sys::Datum::from(dboid)))
+        .set_extra(&extra)
+        .set_notify_pid(unsafe { pg_sys::MyProcPid });
+    let handle = match builder.load_dynamic() {
+        Ok(h) => h,
+        Err(_) => {
+            shmem::release_claim(idx);
+            return Err(StartError::NoWorker);
+        }
+    };
+    match handle.wait_for_startup() {
+        Ok(pid) => {
+            shmem::set_pid_if_starting(idx, pid);
+            Ok(pid)
+        }
+        Err(BackgroundWorkerStatus::Stopped) => {
+            // It ran and ended already (e.g. a configuration error it recorded).
+            shmem::release_claim(idx);
+            Ok(-1)
+        }
+        Err(_) => {
+            shmem::release_claim(idx);
+            Err(StartError::NoWorker)
+        }
+    }
+}
+
+/// Asks a running worker to exit (SIGTERM) and waits until it has. Returns
+/// false when it was not running.
+pub fn stop_worker(name: &str, timeout: Duration) -> bool {
+    let dboid = my_database();
+    let Some(slot) = shmem::get(dboid, name) else {
+        return false;
+    };
+    if slot.pid < 0 {
+        return false;
+    }
+    let started = Instant::now();
+    let mut signalled = 0;
+    loop {
+        let Some(s) = shmem::get(dboid, name) else {
+            return true;
+        };
+        if s.pid < 0 {
+            return true;
+        }
+        if s.pid > 0 && s.pid != signalled {
+            unsafe {
+                libc::kill(s.pid, libc::SIGTERM);
+            }
+            signalled = s.pid;
+        }
+        if started.elapsed() > timeout {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_IN_USE,
+                format!(
+                    "connector \"{name}\" did not stop within {}s",
+                    timeout.as_secs()
+                ),
+                Some(format!("Its worker has PID {}.", s.pid)),
+                Some("Try again, or terminate the process with pg_terminate_backend."),
+            );
+        }
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                50,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    }
+}

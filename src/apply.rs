@@ -1,0 +1,842 @@
+//! The destination side of a connector, on the worker's main thread: the
+//! replication origin that records progress in the same transaction as the
+//! data, the relation map (source relation -> destination table and column
+//! types), cached prepared SPI plans per (relation, operation, column set),
+//! applying decoded changes, and bulk-loading snapshot rows through
+//! PostgreSQL's COPY machinery.
+
+use crate::conninfo::TableRef;
+use crate::decode::{Message, OldKind, Relation, TupleValue};
+use crate::sqlgen::{self, KeyMatch};
+use bytes::{Buf, Bytes};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CString};
+
+/// Sets up this session's replication origin (created when missing) and
+/// returns the position up to which remote transactions are applied.
+pub fn setup_origin(origin: &str) -> Result<u64, String> {
+    let cname = CString::new(origin).map_err(|_| "origin name has a NUL byte".to_string())?;
+    crate::pgtxn::run(|| unsafe {
+        let mut id = pg_sys::replorigin_by_name(cname.as_ptr(), true);
+        if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            id = pg_sys::replorigin_create(cname.as_ptr());
+        }
+        #[cfg(any(feature = "pg15"))]
+        pg_sys::replorigin_session_setup(id);
+        #[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
+        pg_sys::replorigin_session_setup(id, 0);
+        pg_sys::replorigin_session_origin = id;
+        pg_sys::replorigin_session_get_progress(false)
+    })
+}
+
+/// Resets the origin to `lsn` (from `synchdb_set_offset`).
+pub fn advance_origin(origin: &str, lsn: u64) -> Result<(), String> {
+    crate::pgtxn::run(|| {
+        Spi::run_with_args(
+            "SELECT pg_catalog.pg_replication_origin_advance($1, $2::pg_lsn)",
+            &[origin.into(), crate::lsn::format_lsn(lsn).as_str().into()],
+        )
+    })?
+    .map_err(|e| e.to_string())
+}
+
+/// Where a captured source table lands, and its snapshot position.
+#[derive(Debug, Clone)]
+pub struct TableTarget {
+    pub dst_schema: String,
+    pub dst_table: String,
+    /// Changes of transactions whose commit LSN is below this are already in
+    /// the table's snapshot and are skipped.
+    pub sync_lsn: u64,
+}
+
+struct DestColumn {
+    type_oid: pg_sys::Oid,
+    typmod: i32,
+    input_fn: pg_sys::Oid,
+    ioparam: pg_sys::Oid,
+}
+
+struct RelEntry {
+    rel: Relation,
+    target: Option<TableTarget>,
+    /// Per source column: its destination column (None: not there).
+    dest: Vec<Option<DestColumn>>,
+    plans: HashMap<(u8, Vec<bool>), pg_sys::SPIPlanPtr>,
+}
+
+/// What the last applied change was, for `last_dbz_offset`.
+#[derive(Debug, Clone, Default)]
+pub struct Position {
+    pub lsn_proc: u64,
+    pub message_type: &'static str,
+    pub lsn_commit: u64,
+    pub lsn: u64,
+    pub xid: u32,
+    pub ts_usec: i64,
+}
+
+impl Position {
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"lsn_proc\":{},\"messageType\":\"{}\",\"lsn_commit\":{},\"lsn\":{},\"txId\":{},\"ts_usec\":{}}}",
+            self.lsn_proc, self.message_type, self.lsn_commit, self.lsn, self.xid, self.ts_usec
+        )
+    }
+}
+
+/// Counters of what was applied.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub transactions: u64,
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub truncates: u64,
+    pub skipped: u64,
+    pub missing_rows: u64,
+}
+
+/// Applies one remote transaction at a time inside one local transaction.
+pub struct Applier {
+    rels: HashMap<u32, RelEntry>,
+    targets: HashMap<TableRef, TableTarget>,
+    /// May tables be created from Relation messages when missing (not in `never`).
+    create_missing: bool,
+    dst_schema: String,
+    in_xact: bool,
+    final_lsn: u64,
+    xid: u32,
+    commit_ts: i64,
+    change_idx: u64,
+    /// A change to skip, (final_lsn, index in its transaction), set by the skip strategy.
+    pub skip: Option<(u64, u64)>,
+    pub last: Position,
+    pub counters: Counters,
+    change_cxt: pgrx::PgMemoryContexts,
+}
+
+impl Applier {
+    pub fn new(
+        targets: HashMap<TableRef, TableTarget>,
+        dst_schema: &str,
+        create_missing: bool,
+    ) -> Applier {
+        Applier {
+            rels: HashMap::new(),
+            targets,
+            create_missing,
+            dst_schema: dst_schema.to_string(),
+            in_xact: false,
+            final_lsn: 0,
+            xid: 0,
+            commit_ts: 0,
+            change_idx: 0,
+            skip: None,
+            last: Position::default(),
+            counters: Counters::default(),
+            change_cxt: pgrx::PgMemoryContexts::new("synchdb change"),
+        }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_xact
+    }
+
+    pub fn begin(&mut self, final_lsn: u64, xid: u32, commit_ts: i64) {
+        crate::pgtxn::start();
+        unsafe {
+            pg_sys::SPI_connect();
+        }
+        self.in_xact = true;
+        self.final_lsn = final_lsn;
+        self.xid = xid;
+        self.commit_ts = commit_ts;
+        self.change_idx = 0;
+    }
+
+    /// Commits the local transaction, recording the remote commit position
+    /// in the replication origin within it.
+    pub fn commit(&mut self, commit_lsn: u64, end_lsn: u64, commit_ts: i64) {
+        unsafe {
+            pg_sys::SPI_finish();
+            pg_sys::replorigin_session_origin_lsn = end_lsn;
+            pg_sys::replorigin_session_origin_timestamp = commit_ts;
+        }
+        crate::pgtxn::commit();
+        unsafe {
+            pg_sys::replorigin_session_origin_lsn = 0;
+            pg_sys::replorigin_session_origin_timestamp = 0;
+        }
+        self.in_xact = false;
+        self.counters.transactions += 1;
+        self.last.lsn_commit = commit_lsn;
+        self.last.lsn = end_lsn;
+        self.last.xid = self.xid;
+        self.last.ts_usec = crate::decode::pg_ts_to_unix_usec(commit_ts);
+        if self.last.lsn_proc < commit_lsn && self.last.message_type.is_empty() {
+            self.last.lsn_proc = commit_lsn;
+        }
+    }
+
+    /// Throws the current transaction away after an error (and forgets plans,
+    /// which may be invalid now).
+    pub fn abort(&mut self) {
+        if self.in_xact || crate::pgtxn::in_transaction() {
+            crate::pgtxn::abort();
+        }
+        self.in_xact = false;
+        for entry in self.rels.values_mut() {
+            entry.plans.clear();
+        }
+        self.rels.clear();
+    }
+
+    /// Applies one decoded message of the current transaction. Raises an
+    /// ERROR (caught by the caller) when the change cannot be applied.
+    pub fn apply(&mut self, msg: Message, wal_start: u64) {
+        match msg {
+            Message::Relation(rel) => self.relation(rel),
+            Message::Insert { rel_id, new } => {
+                if self.take_change("INSERT", wal_start) {
+                    self.change(rel_id, |a, e| a.insert(e, &new));
+                    self.counters.inserts += 1;
+                }
+            }
+            Message::Update { rel_id, old, new } => {
+                if self.take_change("UPDATE", wal_start) {
+                    self.change(rel_id, |a, e| a.update(e, old.as_ref(), &new));
+                    self.counters.updates += 1;
+                }
+            }
+            Message::Delete { rel_id, old } => {
+                if self.take_change("DELETE", wal_start) {
+                    self.change(rel_id, |a, e| a.delete(e, &old));
+                    self.counters.deletes += 1;
+                }
+            }
+            Message::Truncate {
+                restart_identity,
+                rel_ids,
+                ..
+            } => {
+                if self.take_change("TRUNCATE", wal_start) {
+                    self.truncate(&rel_ids, restart_identity);
+                    self.counters.truncates += 1;
+                }
+            }
+            Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::Origin { .. }
+            | Message::Type { .. }
+            | Message::Message { .. } => {}
+        }
+        unsafe { pg_sys::MemoryContextReset(self.change_cxt.value()) };
+    }
+
+    /// Counts the change; false when the skip strategy drops this one.
+    fn take_change(&mut self, kind: &'static str, wal_start: u64) -> bool {
+        let idx = self.change_idx;
+        self.change_idx += 1;
+        self.last.lsn_proc = wal_start.max(self.last.lsn_proc);
+        self.last.message_type = kind;
+        if self.skip == Some((self.final_lsn, idx)) {
+            self.skip = None;
+            self.counters.skipped += 1;
+            pgrx::warning!(
+                "synchdb: skipped {kind} #{idx} of remote transaction {} (commit LSN {}) after an apply error",
+                self.xid,
+                crate::lsn::format_lsn(self.final_lsn)
+            );
+            return false;
+        }
+        true
+    }
+
+    pub fn current_change(&self) -> (u64, u64) {
+        (self.final_lsn, self.change_idx.saturating_sub(1))
+    }
+
+    fn relation(&mut self, rel: Relation) {
+        if let Some(mut old) = self.rels.remove(&rel.id) {
+            for (_, p) in old.plans.drain() {
+                unsafe { pg_sys::SPI_freeplan(p) };
+            }
+        }
+        let key = TableRef {
+            schema: rel.namespace.clone(),
+            table: rel.name.clone(),
+        };
+        let target = match self.targets.get(&key) {
+            Some(t) => Some(t.clone()),
+            None => {
+                // A table the stream brings that the snapshot did not know
+                // (created later on the source): it lands in the destination
+                // schema under its own name.
+                let t = TableTarget {
+                    dst_schema: self.dst_schema.clone(),
+                    dst_table: rel.name.clone(),
+                    sync_lsn: 0,
+                };
+                self.targets.insert(key, t.clone());
+                Some(t)
+            }
+        };
+        let dest = match &target {
+            Some(t) => {
+                if self.create_missing && !dest_exists(&t.dst_schema, &t.dst_table) {
+                    create_from_relation(&rel, t);
+                }
+                dest_columns(&rel, t)
+            }
+            None => Vec::new(),
+        };
+        self.rels.insert(
+            rel.id,
+            RelEntry {
+                rel,
+                target,
+                dest,
+                plans: HashMap::new(),
+            },
+        );
+    }
+
+    fn change(&mut self, rel_id: u32, f: impl FnOnce(&mut Applier, u32)) {
+        let Some(entry) = self.rels.get(&rel_id) else {
+            pgrx::error!("change for relation id {rel_id} arrived before its Relation message");
+        };
+        match &entry.target {
+            Some(t) if self.final_lsn >= t.sync_lsn => f(self, rel_id),
+            _ => {}
+        }
+    }
+
+    fn plan(
+        &mut self,
+        rel_id: u32,
+        op: u8,
+        mask: Vec<bool>,
+        build: impl FnOnce(&RelEntry) -> (String, Vec<pg_sys::Oid>),
+    ) -> pg_sys::SPIPlanPtr {
+        let Some(entry) = self.rels.get_mut(&rel_id) else {
+            pgrx::error!("unknown relation id {rel_id}");
+        };
+        if let Some(p) = entry.plans.get(&(op, mask.clone())) {
+            return *p;
+        }
+        let (sql, mut types) = build(entry);
+        let csql = CString::new(sql).unwrap_or_default();
+        let plan = unsafe {
+            let nargs = c_int::try_from(types.len()).unwrap_or(0);
+            let p = pg_sys::SPI_prepare(csql.as_ptr(), nargs, types.as_mut_ptr());
+            if p.is_null() {
+                pgrx::error!(
+                    "could not prepare statement for {}.{}",
+                    entry.rel.namespace,
+                    entry.rel.name
+                );
+            }
+            pg_sys::SPI_keepplan(p);
+            p
+        };
+        entry.plans.insert((op, mask), plan);
+        plan
+    }
+
+    fn insert(&mut self, rel_id: u32, new: &[TupleValue]) {
+        let entry = &self.rels[&rel_id];
+        let cols: Vec<usize> = (0..entry.rel.columns.len())
+            .filter(|i| !matches!(new.get(*i), Some(TupleValue::Unchanged) | None))
+            .collect();
+        let mask: Vec<bool> = (0..entry.rel.columns.len())
+            .map(|i| cols.contains(&i))
+            .collect();
+        let plan = self.plan(rel_id, b'I', mask, |e| {
+            let t = target_of(e);
+            let names: Vec<&str> = cols
+                .iter()
+                .map(|i| e.rel.columns[*i].name.as_str())
+                .collect();
+            (
+                sqlgen::insert(&t.dst_schema, &t.dst_table, &names),
+                types_of(e, &cols),
+            )
+        });
+        let entry = &self.rels[&rel_id];
+        let vals: Vec<(usize, &TupleValue)> = cols.iter().map(|i| (*i, &new[*i])).collect();
+        let n = self.execute(entry, plan, &vals);
+        let _ = n;
+    }
+
+    fn key_columns(entry: &RelEntry) -> Vec<usize> {
+        (0..entry.rel.columns.len())
+            .filter(|i| entry.rel.columns[*i].is_key)
+            .collect()
+    }
+
+    fn update(
+        &mut self,
+        rel_id: u32,
+        old: Option<&(OldKind, Vec<TupleValue>)>,
+        new: &[TupleValue],
+    ) {
+        let entry = &self.rels[&rel_id];
+        let ncols = entry.rel.columns.len();
+        let set_cols: Vec<usize> = (0..ncols)
+            .filter(|i| !matches!(new.get(*i), Some(TupleValue::Unchanged) | None))
+            .collect();
+        let (how, key_cols, key_src): (KeyMatch, Vec<usize>, &[TupleValue]) = match old {
+            Some((OldKind::Full, vals)) => (
+                KeyMatch::Full,
+                (0..ncols)
+                    .filter(|i| !matches!(vals.get(*i), Some(TupleValue::Unchanged) | None))
+                    .collect(),
+                vals,
+            ),
+            Some((OldKind::Key, vals)) => (KeyMatch::Key, Self::key_columns(entry), vals),
+            None => (KeyMatch::Key, Self::key_columns(entry), new),
+        };
+        if key_cols.is_empty() {
+            pgrx::error!(
+                "cannot apply UPDATE to {}.{}: the source table has no replica identity (add a primary key or set REPLICA IDENTITY FULL on the source)",
+                entry.rel.namespace,
+                entry.rel.name
+            );
+        }
+        let mut mask: Vec<bool> = (0..ncols).map(|i| set_cols.contains(&i)).collect();
+        mask.extend((0..ncols).map(|i| key_cols.contains(&i)));
+        mask.push(how == KeyMatch::Full);
+        let plan = self.plan(rel_id, b'U', mask, |e| {
+            let t = target_of(e);
+            let sets: Vec<&str> = set_cols
+                .iter()
+                .map(|i| e.rel.columns[*i].name.as_str())
+                .collect();
+            let keys: Vec<&str> = key_cols
+                .iter()
+                .map(|i| e.rel.columns[*i].name.as_str())
+                .collect();
+            let mut types = types_of(e, &set_cols);
+            types.extend(types_of(e, &key_cols));
+            (
+                sqlgen::update(&t.dst_schema, &t.dst_table, &sets, &keys, how),
+                types,
+            )
+        });
+        let entry = &self.rels[&rel_id];
+        let mut vals: Vec<(usize, &TupleValue)> = set_cols.iter().map(|i| (*i, &new[*i])).collect();
+        for i in &key_cols {
+            match key_src.get(*i) {
+                Some(v) => vals.push((*i, v)),
+                None => pgrx::error!("old tuple is shorter than the relation"),
+            }
+        }
+        if self.execute(entry, plan, &vals) == 0 {
+            self.missing_row("UPDATE", rel_id);
+        }
+    }
+
+    fn delete(&mut self, rel_id: u32, old: &(OldKind, Vec<TupleValue>)) {
+        let entry = &self.rels[&rel_id];
+        let ncols = entry.rel.columns.len();
+        let (how, key_cols) = match old.0 {
+            OldKind::Full => (
+                KeyMatch::Full,
+                (0..ncols)
+                    .filter(|i| !matches!(old.1.get(*i), Some(TupleValue::Unchanged) | None))
+                    .collect::<Vec<_>>(),
+            ),
+            OldKind::Key => (KeyMatch::Key, Self::key_columns(entry)),
+        };
+        if key_cols.is_empty() {
+            pgrx::error!(
+                "cannot apply DELETE to {}.{}: the source table has no replica identity",
+                entry.rel.namespace,
+                entry.rel.name
+            );
+        }
+        let mut mask: Vec<bool> = (0..ncols).map(|i| key_cols.contains(&i)).collect();
+        mask.push(how == KeyMatch::Full);
+        let plan = self.plan(rel_id, b'D', mask, |e| {
+            let t = target_of(e);
+            let keys: Vec<&str> = key_cols
+                .iter()
+                .map(|i| e.rel.columns[*i].name.as_str())
+                .collect();
+            (
+                sqlgen::delete(&t.dst_schema, &t.dst_table, &keys, how),
+                types_of(e, &key_cols),
+            )
+        });
+        let entry = &self.rels[&rel_id];
+        let mut vals = Vec::with_capacity(key_cols.len());
+        for i in &key_cols {
+            match old.1.get(*i) {
+                Some(v) => vals.push((*i, v)),
+                None => pgrx::error!("old tuple is shorter than the relation"),
+            }
+        }
+        if self.execute(entry, plan, &vals) == 0 {
+            self.missing_row("DELETE", rel_id);
+        }
+    }
+
+    fn missing_row(&mut self, op: &str, rel_id: u32) {
+        self.counters.missing_rows += 1;
+        if let Some(e) = self.rels.get(&rel_id) {
+            pgrx::warning!(
+                "synchdb: {op} on {}.{} found no row to change (remote transaction {}, commit LSN {}); the destination differs from the source",
+                e.rel.namespace,
+                e.rel.name,
+                self.xid,
+                crate::lsn::format_lsn(self.final_lsn)
+            );
+        }
+    }
+
+    fn truncate(&mut self, rel_ids: &[u32], restart_identity: bool) {
+        let mut targets = Vec::new();
+        for id in rel_ids {
+            if let Some(e) = self.rels.get(id) {
+                if let Some(t) = &e.target {
+                    if self.final_lsn >= t.sync_lsn {
+                        targets.push((t.dst_schema.clone(), t.dst_table.clone()));
+                    }
+                }
+            }
+        }
+        if targets.is_empty() {
+            return;
+        }
+        let sql = sqlgen::truncate(&targets, restart_identity);
+        if let Err(e) = Spi::run(&sql) {
+            pgrx::error!("{e}");
+        }
+    }
+
+    /// Converts the values with the destination types' input functions and
+    /// runs the plan; returns the number of rows processed.
+    fn execute(
+        &self,
+        entry: &RelEntry,
+        plan: pg_sys::SPIPlanPtr,
+        vals: &[(usize, &TupleValue)],
+    ) -> u64 {
+        let mut datums: Vec<pg_sys::Datum> = Vec::with_capacity(vals.len());
+        let mut nulls: Vec<c_char> = Vec::with_capacity(vals.len());
+        let old_cxt = unsafe { pg_sys::MemoryContextSwitchTo(self.change_cxt.value()) };
+        {
+            for (i, v) in vals {
+                let Some(Some(col)) = entry.dest.get(*i) else {
+                    pgrx::error!(
+                        "column \"{}\" of {}.{} has no destination column",
+                        entry
+                            .rel
+                            .columns
+                            .get(*i)
+                            .map(|c| c.name.as_str())
+                            .unwrap_or("?"),
+                        entry.rel.namespace,
+                        entry.rel.name
+                    );
+                };
+                match v {
+                    TupleValue::Null => {
+                        datums.push(pg_sys::Datum::from(0));
+                        nulls.push(b'n' as c_char);
+                    }
+                    TupleValue::Text(bytes) => {
+                        let mut buf = Vec::with_capacity(bytes.len() + 1);
+                        buf.extend_from_slice(bytes);
+                        buf.push(0);
+                        let d = unsafe {
+                            pg_sys::OidInputFunctionCall(
+                                col.input_fn,
+                                buf.as_mut_ptr() as *mut c_char,
+                                col.ioparam,
+                                col.typmod,
+                            )
+                        };
+                        datums.push(d);
+                        nulls.push(b' ' as c_char);
+                    }
+                    TupleValue::Binary(_) => {
+                        pgrx::error!("binary pgoutput values are not requested and not supported");
+                    }
+                    TupleValue::Unchanged => {
+                        pgrx::error!("an unchanged TOAST value cannot be used as a key");
+                    }
+                }
+            }
+        }
+        unsafe { pg_sys::MemoryContextSwitchTo(old_cxt) };
+        let rc = unsafe {
+            pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0)
+        };
+        if rc < 0 {
+            pgrx::error!("SPI_execute_plan failed with code {rc}");
+        }
+        unsafe { pg_sys::SPI_processed }
+    }
+}
+
+fn target_of(e: &RelEntry) -> TableTarget {
+    e.target.clone().unwrap_or(TableTarget {
+        dst_schema: String::new(),
+        dst_table: String::new(),
+        sync_lsn: 0,
+    })
+}
+
+fn types_of(e: &RelEntry, cols: &[usize]) -> Vec<pg_sys::Oid> {
+    cols.iter()
+        .map(|i| match e.dest.get(*i) {
+            Some(Some(c)) => c.type_oid,
+            _ => pg_sys::TEXTOID,
+        })
+        .collect()
+}
+
+fn dest_exists(schema: &str, table: &str) -> bool {
+    matches!(
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                             WHERE n.nspname = $1 AND c.relname = $2)",
+            &[schema.into(), table.into()],
+        ),
+        Ok(Some(true))
+    )
+}
+
+/// Creates a destination table for a relation first seen in the stream,
+/// from the column types pgoutput announces (built-in types keep their OIDs).
+fn create_from_relation(rel: &Relation, t: &TableTarget) {
+    let mut cols = Vec::new();
+    for c in &rel.columns {
+        let ty = Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.format_type($1, $2)",
+            &[pg_sys::Oid::from(c.type_oid).into(), c.type_mod.into()],
+        );
+        let type_sql = match ty {
+            Ok(Some(s)) if !s.starts_with("???") => s,
+            _ => pgrx::error!(
+                "cannot create {}.{}: column \"{}\" has type OID {} unknown in the destination",
+                rel.namespace,
+                rel.name,
+                c.name,
+                c.type_oid
+            ),
+        };
+        cols.push(sqlgen::ColumnDef {
+            name: c.name.clone(),
+            type_sql,
+            not_null: c.is_key,
+        });
+    }
+    let pk: Vec<String> = rel
+        .columns
+        .iter()
+        .filter(|c| c.is_key)
+        .map(|c| c.name.clone())
+        .collect();
+    let pk = if rel.replica_identity == b'd' {
+        pk
+    } else {
+        Vec::new()
+    };
+    let ddl = format!(
+        "CREATE SCHEMA IF NOT EXISTS {}; {}",
+        sqlgen::quote_ident(&t.dst_schema),
+        sqlgen::create_table(&t.dst_schema, &t.dst_table, &cols, &pk)
+    );
+    if let Err(e) = Spi::run(&ddl) {
+        pgrx::error!("{e}");
+    }
+    pgrx::log!(
+        "synchdb: created {}.{} for a table first seen in the stream",
+        t.dst_schema,
+        t.dst_table
+    );
+}
+
+/// Looks up the destination column (type, typmod, input function) of each
+/// source column, by name.
+fn dest_columns(rel: &Relation, t: &TableTarget) -> Vec<Option<DestColumn>> {
+    let qualified = sqlgen::qualified(&t.dst_schema, &t.dst_table);
+    let mut found: HashMap<String, (pg_sys::Oid, i32)> = HashMap::new();
+    let res: Result<(), pgrx::spi::Error> = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            None,
+            &[qualified.as_str().into()],
+        )?;
+        for row in rows {
+            if let (Some(n), Some(ty), Some(m)) = (
+                row.get::<String>(1)?,
+                row.get::<pg_sys::Oid>(2)?,
+                row.get::<i32>(3)?,
+            ) {
+                found.insert(n, (ty, m));
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = res {
+        pgrx::error!(
+            "destination table {}.{} for source table {}.{} is not usable: {e}",
+            t.dst_schema,
+            t.dst_table,
+            rel.namespace,
+            rel.name
+        );
+    }
+    rel.columns
+        .iter()
+        .map(|c| {
+            found.get(&c.name).map(|(ty, m)| {
+                let mut input_fn = pg_sys::InvalidOid;
+                let mut ioparam = pg_sys::InvalidOid;
+                unsafe { pg_sys::getTypeInputInfo(*ty, &mut input_fn, &mut ioparam) };
+                DestColumn {
+                    type_oid: *ty,
+                    typmod: *m,
+                    input_fn,
+                    ioparam,
+                }
+            })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Snapshot bulk load through COPY FROM with a data-source callback.
+
+type Feed<'a> = &'a mut dyn FnMut() -> Result<Option<Bytes>, String>;
+
+struct CopyFeed {
+    feed: *mut dyn FnMut() -> Result<Option<Bytes>, String>,
+    buf: Bytes,
+    eof: bool,
+}
+
+thread_local! {
+    static COPY_FEED: RefCell<Option<CopyFeed>> = const { RefCell::new(None) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn copy_read_cb(
+    outbuf: *mut c_void,
+    minread: c_int,
+    maxread: c_int,
+) -> c_int {
+    let minread = usize::try_from(minread).unwrap_or(1).max(1);
+    let maxread = usize::try_from(maxread).unwrap_or(0);
+    let mut written = 0usize;
+    let mut failure: Option<String> = None;
+    COPY_FEED.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let Some(st) = guard.as_mut() else {
+            failure = Some("COPY data source is not set".into());
+            return;
+        };
+        while written < maxread {
+            if st.buf.is_empty() {
+                if st.eof || written >= minread {
+                    break;
+                }
+                let next = unsafe { (*st.feed)() };
+                match next {
+                    Ok(Some(b)) => st.buf = b,
+                    Ok(None) => {
+                        st.eof = true;
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        return;
+                    }
+                }
+                continue;
+            }
+            let n = st.buf.len().min(maxread - written);
+            unsafe {
+                std::ptr::copy_nonoverlapping(st.buf.as_ptr(), (outbuf as *mut u8).add(written), n);
+            }
+            st.buf.advance(n);
+            written += n;
+        }
+    });
+    if let Some(e) = failure {
+        pgrx::error!("snapshot copy failed: {e}");
+    }
+    c_int::try_from(written).unwrap_or(0)
+}
+
+/// Loads COPY text rows from `feed` into the destination table; the columns
+/// are named (generated columns are left to the destination). Returns the
+/// number of rows loaded. Runs inside the caller's transaction.
+pub fn copy_into(schema: &str, table: &str, columns: &[String], feed: Feed<'_>) -> u64 {
+    let qualified = sqlgen::qualified(schema, table);
+    let relid = match Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT $1::regclass::oid",
+        &[qualified.as_str().into()],
+    ) {
+        Ok(Some(o)) => o,
+        _ => pgrx::error!("destination table {qualified} does not exist"),
+    };
+    // SAFETY: the feed pointer lives for the duration of this function only;
+    // the thread-local is cleared before returning (also on error, below).
+    let feed_ptr: *mut (dyn FnMut() -> Result<Option<Bytes>, String> + '_) = feed;
+    let feed_ptr: *mut dyn FnMut() -> Result<Option<Bytes>, String> =
+        unsafe { std::mem::transmute(feed_ptr) };
+    COPY_FEED.with(|c| {
+        *c.borrow_mut() = Some(CopyFeed {
+            feed: feed_ptr,
+            buf: Bytes::new(),
+            eof: false,
+        })
+    });
+    let result = crate::pgtxn::catch(|| unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
+        pg_sys::addRangeTableEntryForRelation(
+            pstate,
+            rel,
+            pg_sys::RowExclusiveLock as c_int,
+            std::ptr::null_mut(),
+            false,
+            false,
+        );
+        let mut attnames: *mut pg_sys::List = std::ptr::null_mut();
+        for c in columns {
+            let cs = CString::new(c.as_str()).unwrap_or_default();
+            let s = pg_sys::pstrdup(cs.as_ptr());
+            attnames = pg_sys::lappend(attnames, pg_sys::makeString(s) as *mut c_void);
+        }
+        let cstate = pg_sys::BeginCopyFrom(
+            pstate,
+            rel,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            false,
+            Some(copy_read_cb),
+            attnames,
+            std::ptr::null_mut(),
+        );
+        let n = pg_sys::CopyFrom(cstate);
+        pg_sys::EndCopyFrom(cstate);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        n
+    });
+    COPY_FEED.with(|c| *c.borrow_mut() = None);
+    match result {
+        Ok(n) => n,
+        Err(e) => pgrx::error!("{e}"),
+    }
+}

@@ -1,0 +1,708 @@
+//! A connector's life in its worker: read the definition, prepare the source
+//! (checks, publication, slot), decide per table what the mode asks (schema,
+//! copy, nothing), copy under an exported snapshot, then stream pgoutput and
+//! apply it, with retries and backoff for source problems and the
+//! configured strategy for apply errors. Network calls go through `source`
+//! on a current-thread runtime driven from this (the main) thread.
+
+use crate::apply::{self, Applier, TableTarget};
+use crate::conninfo::{self, ConnInfo, Mode, TableRef};
+use crate::decode;
+use crate::gucs::{self, ErrorStrategy};
+use crate::pgtxn;
+use crate::shmem::{Request, Stage, State};
+use crate::source::{self, SourceError, SourceTable};
+use crate::sqlgen;
+use crate::worker::WorkerContext;
+use futures_util::StreamExt;
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Why one attempt ended.
+enum Stop {
+    /// SIGTERM, postmaster death, or the connector / extension is gone.
+    Shutdown,
+    /// The source failed (network, configuration): retry with backoff.
+    Source(String),
+    /// Our own catalog or configuration is wrong: record and stop.
+    Fatal(String),
+    /// A change could not be applied; `at` identifies it for the skip strategy.
+    Apply { msg: String, at: Option<(u64, u64)> },
+}
+
+impl From<SourceError> for Stop {
+    fn from(e: SourceError) -> Stop {
+        Stop::Source(e.to_string())
+    }
+}
+
+pub fn run(ctx: &WorkerContext) {
+    let mut backoff = Duration::from_secs(1);
+    let mut skip: Option<(u64, u64)> = None;
+    let mut mode = ctx.mode;
+    loop {
+        if crate::worker::stopping() {
+            break;
+        }
+        let started = Instant::now();
+        let outcome = attempt(ctx, mode, &mut skip);
+        match outcome {
+            Stop::Shutdown => break,
+            Stop::Fatal(msg) => {
+                ctx.slot
+                    .set_err(&format!("connector \"{}\": {msg}", ctx.name));
+                pgrx::log!("synchdb: connector \"{}\" stopped: {msg}", ctx.name);
+                break;
+            }
+            Stop::Source(msg) => {
+                ctx.slot
+                    .set_err(&format!("connector \"{}\": {msg}", ctx.name));
+                pgrx::log!(
+                    "synchdb: connector \"{}\": {msg}; retrying in {}s",
+                    ctx.name,
+                    backoff.as_secs()
+                );
+            }
+            Stop::Apply { msg, at } => {
+                let text = format!("connector \"{}\": {msg}", ctx.name);
+                ctx.slot.set_err(&text);
+                match gucs::error_strategy() {
+                    ErrorStrategy::Exit => {
+                        pgrx::log!(
+                            "synchdb: {text}; stopping (synchdb.error_handling_strategy = exit)"
+                        );
+                        break;
+                    }
+                    ErrorStrategy::Skip => {
+                        pgrx::log!("synchdb: {text}; the change will be skipped");
+                        skip = at;
+                        backoff = Duration::from_millis(10);
+                    }
+                    ErrorStrategy::Retry => {
+                        pgrx::log!("synchdb: {text}; retrying in {}s", backoff.as_secs());
+                    }
+                }
+            }
+        }
+        // Once set up, restarts keep the tables that are already built.
+        if mode == Mode::Always {
+            mode = Mode::Initial;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        ctx.slot.set_state(State::Restarting);
+        if !crate::worker::sleep(backoff) {
+            break;
+        }
+        backoff = (backoff * 2)
+            .min(gucs::max_retry_interval())
+            .max(Duration::from_secs(1));
+    }
+}
+
+/// Reads the connector definition in a transaction (edits since the last
+/// start are honoured). `None`: the connector or the extension is gone.
+fn load(name: &str) -> Result<Option<ConnInfo>, Stop> {
+    let r = pgtxn::run(|| {
+        let has_ext = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'synchdb')",
+        );
+        if !matches!(has_ext, Ok(Some(true))) {
+            return None;
+        }
+        crate::api::load_conninfo(name).map(|(_, info)| info)
+    });
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => Err(Stop::Fatal(e)),
+    }
+}
+
+fn still_defined(name: &str) -> bool {
+    matches!(load(name), Ok(Some(_)))
+}
+
+/// Per-table state stored in `synchdb_table_state`.
+#[derive(Debug, Clone)]
+struct StoredTable {
+    dst_schema: String,
+    dst_table: String,
+    sync_lsn: u64,
+}
+
+fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop> {
+    pgtxn::run(|| {
+        Spi::connect(|client| {
+            let mut out = HashMap::new();
+            let rows = client.select(
+                "SELECT src_schema, src_table, dst_schema, dst_table, sync_lsn::text
+                   FROM public.synchdb_table_state WHERE name = $1 AND state = 'ready'",
+                None,
+                &[name.into()],
+            )?;
+            for row in rows {
+                let (Some(ss), Some(st), Some(ds), Some(dt), Some(l)) = (
+                    row.get::<String>(1)?,
+                    row.get::<String>(2)?,
+                    row.get::<String>(3)?,
+                    row.get::<String>(4)?,
+                    row.get::<String>(5)?,
+                ) else {
+                    continue;
+                };
+                out.insert(
+                    TableRef {
+                        schema: ss,
+                        table: st,
+                    },
+                    StoredTable {
+                        dst_schema: ds,
+                        dst_table: dt,
+                        sync_lsn: crate::lsn::parse_lsn(&l).unwrap_or(0),
+                    },
+                );
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+    })
+    .map_err(Stop::Fatal)?
+    .map_err(|e| Stop::Fatal(e.to_string()))
+}
+
+fn sleep_or_stop(d: Duration) -> bool {
+    crate::worker::sleep(d)
+}
+
+/// Drives a future on the runtime, returning early (as a shutdown) when the
+/// worker is asked to stop, so SIGTERM is honoured within a fraction of a
+/// second even while the source is slow or silent.
+fn block<F: std::future::Future>(rt: &tokio::runtime::Runtime, fut: F) -> Result<F::Output, Stop> {
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let r =
+            rt.block_on(async { tokio::time::timeout(Duration::from_millis(250), &mut fut).await });
+        match r {
+            Ok(v) => return Ok(v),
+            Err(_) => {
+                if crate::worker::stopping() {
+                    return Err(Stop::Shutdown);
+                }
+            }
+        }
+    }
+}
+
+fn attempt(ctx: &WorkerContext, mode: Mode, skip: &mut Option<(u64, u64)>) -> Stop {
+    match attempt_inner(ctx, mode, skip) {
+        Ok(()) => Stop::Shutdown,
+        Err(s) => s,
+    }
+}
+
+fn attempt_inner(
+    ctx: &WorkerContext,
+    mode: Mode,
+    skip: &mut Option<(u64, u64)>,
+) -> Result<(), Stop> {
+    let slot = ctx.slot;
+    slot.set_state(State::Initializing);
+    let info = match load(&ctx.name)? {
+        Some(i) => i,
+        None => return Ok(()),
+    };
+    info.validate().map_err(|e| Stop::Fatal(e.to_string()))?;
+    let object = conninfo::source_object_name(&ctx.name);
+    let dst_schema = info.srcdb.clone();
+    let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
+    let src_schema = match &explicit {
+        Some(_) => String::new(),
+        None => info
+            .source_schema()
+            .map_err(|e| Stop::Fatal(e.to_string()))?,
+    };
+    let snap_filter = info
+        .snapshot_tables()
+        .map_err(|e| Stop::Fatal(e.to_string()))?;
+
+    let rt = &source::runtime()?;
+    let client = block(rt, source::connect(&info))??;
+    let version = block(rt, source::preflight(&client, &info))??;
+    let tables = block(
+        rt,
+        source::list_tables(&client, &src_schema, explicit.as_deref()),
+    )??;
+    let dest_names = sqlgen::destination_names(&tables);
+
+    if mode.streams() {
+        block(
+            rt,
+            source::ensure_publication(&client, &object, &src_schema, explicit.as_deref(), version),
+        )??;
+    }
+    let mut fresh_slot_at: Option<u64> = None;
+    if mode.streams() && block(rt, source::slot_position(&client, &object))??.is_none() {
+        fresh_slot_at = Some(block(rt, source::create_slot(&client, &object))??);
+    }
+
+    let stored = load_table_states(&ctx.name)?;
+    // Decide, per table, what this start does with it.
+    let mut copy: Vec<TableRef> = Vec::new();
+    let mut schema_only: Vec<TableRef> = Vec::new();
+    for t in &tables {
+        let ready = stored.get(t);
+        let gap = matches!((ready, fresh_slot_at), (Some(s), Some(at)) if s.sync_lsn < at && s.sync_lsn != 0);
+        match mode {
+            Mode::Initial | Mode::InitialOnly => {
+                if ready.is_none() || gap {
+                    copy.push(t.clone());
+                }
+            }
+            Mode::Always => {
+                let selected = match &snap_filter {
+                    None => true,
+                    Some(list) => list.contains(t),
+                };
+                if selected || ready.is_none() || gap {
+                    copy.push(t.clone());
+                }
+            }
+            Mode::NoData => {
+                if ready.is_none() {
+                    schema_only.push(t.clone());
+                }
+            }
+            Mode::Never => {}
+        }
+    }
+
+    let copied_now = !copy.is_empty();
+    if !schema_only.is_empty() || !copy.is_empty() {
+        let mut shapes: HashMap<TableRef, SourceTable> = HashMap::new();
+        for t in copy.iter().chain(schema_only.iter()) {
+            shapes.insert(t.clone(), block(rt, source::describe_table(&client, t))??);
+        }
+        if !schema_only.is_empty() {
+            slot.set_stage(Stage::SchemaSync);
+            slot.set_state(State::Syncing);
+            for t in &schema_only {
+                let shape = &shapes[t];
+                let dst = dest_names
+                    .get(t)
+                    .cloned()
+                    .unwrap_or_else(|| t.table.clone());
+                pgtxn::run(|| {
+                    create_dest_table(&dst_schema, &dst, shape, false);
+                    record_table(&ctx.name, t, &dst_schema, &dst, 0, 0);
+                })
+                .map_err(|e| Stop::Apply {
+                    msg: format!("creating {dst_schema}.{dst}: {e}"),
+                    at: None,
+                })?;
+            }
+        }
+        if !copy.is_empty() {
+            slot.set_stage(Stage::InitialSnapshot);
+            slot.set_state(State::Syncing);
+            snapshot_tables(
+                ctx,
+                rt,
+                &info,
+                &object,
+                &copy,
+                &shapes,
+                &dest_names,
+                &dst_schema,
+                mode,
+            )?;
+        }
+    }
+
+    if !mode.streams() {
+        slot.set_stage(Stage::InitialSnapshot);
+        slot.set_state(State::Polling);
+        slot.set_err("no error");
+        drop(client);
+        loop {
+            if !sleep_or_stop(Duration::from_secs(5)) || !still_defined(&ctx.name) {
+                return Ok(());
+            }
+        }
+    }
+
+    // Stream.
+    let stored = load_table_states(&ctx.name)?;
+    let mut targets: HashMap<TableRef, TableTarget> = HashMap::new();
+    for t in &tables {
+        let (ds, dt, lsn) = match stored.get(t) {
+            Some(s) => (s.dst_schema.clone(), s.dst_table.clone(), s.sync_lsn),
+            None => (
+                dst_schema.clone(),
+                dest_names
+                    .get(t)
+                    .cloned()
+                    .unwrap_or_else(|| t.table.clone()),
+                0,
+            ),
+        };
+        targets.insert(
+            t.clone(),
+            TableTarget {
+                dst_schema: ds,
+                dst_table: dt,
+                sync_lsn: lsn,
+            },
+        );
+    }
+    drop(client);
+    stream(
+        ctx,
+        rt,
+        &info,
+        &object,
+        targets,
+        &dst_schema,
+        mode,
+        copied_now,
+        skip,
+    )
+}
+
+/// Creates (or, when `rebuild`, drops and re-creates) a destination table.
+fn create_dest_table(dst_schema: &str, dst_table: &str, shape: &SourceTable, rebuild: bool) {
+    let cols: Vec<sqlgen::ColumnDef> = shape
+        .columns
+        .iter()
+        .map(|c| sqlgen::ColumnDef {
+            name: c.name.clone(),
+            type_sql: c.type_sql.clone(),
+            not_null: c.not_null,
+        })
+        .collect();
+    let mut sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {};",
+        sqlgen::quote_ident(dst_schema)
+    );
+    if rebuild {
+        sql.push_str(&format!(
+            "DROP TABLE IF EXISTS {};",
+            sqlgen::qualified(dst_schema, dst_table)
+        ));
+    }
+    sql.push_str(&sqlgen::create_table(
+        dst_schema,
+        dst_table,
+        &cols,
+        &shape.primary_key,
+    ));
+    if let Err(e) = Spi::run(&sql) {
+        pgrx::error!("{e}");
+    }
+}
+
+fn record_table(
+    name: &str,
+    t: &TableRef,
+    dst_schema: &str,
+    dst_table: &str,
+    sync_lsn: u64,
+    rows: u64,
+) {
+    let r = Spi::run_with_args(
+        "INSERT INTO public.synchdb_table_state
+              (name, src_schema, src_table, dst_schema, dst_table, state, sync_lsn, rows_copied, synced_at)
+         VALUES ($1, $2, $3, $4, $5, 'ready', $6::pg_lsn, $7, now())
+         ON CONFLICT (name, src_schema, src_table) DO UPDATE
+            SET dst_schema = EXCLUDED.dst_schema, dst_table = EXCLUDED.dst_table, state = 'ready',
+                sync_lsn = EXCLUDED.sync_lsn, rows_copied = EXCLUDED.rows_copied, synced_at = now()",
+        &[
+            name.into(),
+            t.schema.as_str().into(),
+            t.table.as_str().into(),
+            dst_schema.into(),
+            dst_table.into(),
+            crate::lsn::format_lsn(sync_lsn).as_str().into(),
+            i64::try_from(rows).unwrap_or(i64::MAX).into(),
+        ],
+    );
+    if let Err(e) = r {
+        pgrx::error!("{e}");
+    }
+}
+
+/// Copies tables inside one snapshot exported by a temporary slot; each
+/// table is loaded and marked ready (with the slot's consistent point) in
+/// its own destination transaction, so an interrupted copy leaves nothing
+/// half-done and is redone cleanly on the next start.
+#[allow(clippy::too_many_arguments)]
+fn snapshot_tables(
+    ctx: &WorkerContext,
+    rt: &tokio::runtime::Runtime,
+    info: &ConnInfo,
+    object: &str,
+    copy: &[TableRef],
+    shapes: &HashMap<TableRef, SourceTable>,
+    dest_names: &HashMap<TableRef, String>,
+    dst_schema: &str,
+    mode: Mode,
+) -> Result<(), Stop> {
+    let cfg = replication_config(info, object, 0);
+    let mut gate = block(rt, ReplicationClient::connect_gated(cfg))?
+        .map_err(|e| Stop::Source(format!("replication connection: {e}")))?;
+    let tmp_slot = format!("{}_snap_{}", &object[..object.len().min(40)], unsafe {
+        pg_sys::MyProcPid
+    });
+    let rows = block(
+        rt,
+        gate.simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {tmp_slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
+        )),
+    )?
+    .map_err(|e| Stop::Source(format!("creating the snapshot slot: {e}")))?;
+    let row = rows
+        .first()
+        .ok_or_else(|| Stop::Source("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let text = |i: usize| -> String {
+        row.get(i)
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
+    };
+    let consistent = crate::lsn::parse_lsn(&text(1))
+        .map_err(|e| Stop::Source(format!("bad consistent point: {e}")))?;
+    let snapshot_name = text(2);
+
+    let client = block(rt, source::connect(info))??;
+    block(
+        rt,
+        client.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot_name.replace('\'', "''")
+        )),
+    )?
+    .map_err(SourceError::from_pg)?;
+
+    for t in copy {
+        if crate::worker::stopping() {
+            return Err(Stop::Shutdown);
+        }
+        let shape = &shapes[t];
+        let dst = dest_names
+            .get(t)
+            .cloned()
+            .unwrap_or_else(|| t.table.clone());
+        let cols: Vec<String> = shape
+            .columns
+            .iter()
+            .filter(|c| !c.generated)
+            .map(|c| c.name.clone())
+            .collect();
+        let col_refs: Vec<&str> = cols.iter().map(|s| s.as_str()).collect();
+        let sql = sqlgen::copy_out(&t.schema, &t.table, &col_refs);
+        let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
+        let mut stream = Box::pin(stream);
+        let mut feed = || -> Result<Option<bytes::Bytes>, String> {
+            if crate::worker::stopping() {
+                return Err("the connector is stopping".into());
+            }
+            match block(rt, stream.next()).map_err(|_| "the connector is stopping".to_string())? {
+                None => Ok(None),
+                Some(Ok(b)) => Ok(Some(b)),
+                Some(Err(e)) => Err(source::describe_pg_error(&e)),
+            }
+        };
+        let rebuild = mode == Mode::Always;
+        let loaded = pgtxn::run(|| {
+            create_dest_table(dst_schema, &dst, shape, rebuild);
+            if !rebuild {
+                if let Err(e) =
+                    Spi::run(&format!("TRUNCATE {}", sqlgen::qualified(dst_schema, &dst)))
+                {
+                    pgrx::error!("{e}");
+                }
+            }
+            let n = apply::copy_into(dst_schema, &dst, &cols, &mut feed);
+            record_table(&ctx.name, t, dst_schema, &dst, consistent, n);
+            n
+        });
+        match loaded {
+            Ok(n) => pgrx::log!(
+                "synchdb: connector \"{}\" copied {n} rows of {t} into {dst_schema}.{dst}",
+                ctx.name
+            ),
+            Err(e) => {
+                if crate::worker::stopping() {
+                    return Err(Stop::Shutdown);
+                }
+                return Err(Stop::Source(format!("snapshot of {t}: {e}")));
+            }
+        }
+    }
+    let _ = block(rt, client.batch_execute("COMMIT"));
+    drop(client);
+    // Ending the session drops the temporary slot and the exported snapshot.
+    drop(gate);
+    Ok(())
+}
+
+fn replication_config(info: &ConnInfo, object: &str, start: u64) -> ReplicationConfig {
+    ReplicationConfig::new(
+        info.hostname.clone(),
+        info.user.clone(),
+        info.pwd.clone(),
+        info.srcdb.clone(),
+        object.to_string(),
+        object.to_string(),
+    )
+    .with_port(u16::try_from(info.port).unwrap_or(5432))
+    .with_tls(TlsConfig::disabled())
+    .with_start_lsn(Lsn::from_u64(start))
+    .with_status_interval(Duration::from_secs(1))
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_buffer_size(4096)
+    .with_application_name("synchdb")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    ctx: &WorkerContext,
+    rt: &tokio::runtime::Runtime,
+    info: &ConnInfo,
+    object: &str,
+    targets: HashMap<TableRef, TableTarget>,
+    dst_schema: &str,
+    mode: Mode,
+    copied_now: bool,
+    skip: &mut Option<(u64, u64)>,
+) -> Result<(), Stop> {
+    let slot = ctx.slot;
+    let start = apply::setup_origin(object).map_err(Stop::Fatal)?;
+    let cfg = replication_config(info, object, start);
+    let mut client = block(rt, ReplicationClient::connect(cfg))?
+        .map_err(|e| Stop::Source(format!("replication connection: {e}")))?;
+    block(rt, client.wait_started())?
+        .map_err(|e| Stop::Source(format!("START_REPLICATION: {e}")))?;
+    if !copied_now || start != 0 {
+        slot.set_stage(Stage::ChangeDataCapture);
+    }
+    if start != 0 {
+        slot.set_offset(&format!(
+            "{{\"lsn_proc\":{start},\"lsn_commit\":{start},\"lsn\":{start}}}"
+        ));
+    }
+    slot.set_state(State::Polling);
+    slot.set_err("no error");
+    let mut applier = Applier::new(targets, dst_schema, mode.captures_schema());
+    applier.skip = skip.take();
+    let mut last_check = Instant::now();
+    let mut paused = false;
+    loop {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if crate::worker::stopping() {
+            applier.abort();
+            return Ok(());
+        }
+        let (req, _) = slot.take_request();
+        match req {
+            Request::Pause if !applier.in_transaction() => {
+                paused = true;
+                slot.set_state(State::Paused);
+            }
+            Request::Resume => {
+                paused = false;
+                slot.set_state(State::Polling);
+            }
+            _ => {}
+        }
+        if paused {
+            if !sleep_or_stop(Duration::from_millis(500)) {
+                return Ok(());
+            }
+            continue;
+        }
+        if !applier.in_transaction() && last_check.elapsed() > Duration::from_secs(5) {
+            last_check = Instant::now();
+            if !still_defined(&ctx.name) {
+                return Ok(());
+            }
+        }
+        let ev = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(200), client.recv()).await
+        });
+        let ev = match ev {
+            Err(_) => continue,
+            Ok(Ok(Some(ev))) => ev,
+            Ok(Ok(None)) => {
+                applier.abort();
+                return Err(Stop::Source(
+                    "the source ended the replication stream".into(),
+                ));
+            }
+            Ok(Err(e)) => {
+                applier.abort();
+                return Err(Stop::Source(format!("replication stream: {e}")));
+            }
+        };
+        let outcome = pgtxn::catch(|| match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                slot.set_state(State::Executing);
+                applier.begin(final_lsn.as_u64(), xid, commit_time_micros);
+                None
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                match decode::decode(&data) {
+                    Ok(msg) => applier.apply(msg, wal_start.as_u64()),
+                    Err(e) => pgrx::error!(
+                        "malformed pgoutput message at {}: {e}",
+                        crate::lsn::format_lsn(wal_start.as_u64())
+                    ),
+                }
+                None
+            }
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                applier.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time_micros);
+                Some(end_lsn)
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if !applier.in_transaction() {
+                    Some(wal_end)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        });
+        match outcome {
+            Ok(Some(done)) => {
+                client.update_applied_lsn(done);
+                if applier.last.lsn == done.as_u64() {
+                    slot.set_offset(&applier.last.to_json());
+                    slot.set_stage(Stage::ChangeDataCapture);
+                    slot.set_state(State::Polling);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let at = Some(applier.current_change());
+                applier.abort();
+                drop(client);
+                return Err(Stop::Apply { msg: e, at });
+            }
+        }
+    }
+}

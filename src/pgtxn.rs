@@ -1,0 +1,79 @@
+//! Running destination work inside transactions from the worker's main
+//! thread, with Postgres ERRORs caught and turned into Rust errors (the
+//! transaction is aborted, the worker goes on and decides what to do).
+
+use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use std::panic::AssertUnwindSafe;
+
+/// The text of a caught error: message, then detail and context if any.
+pub fn describe(e: &CaughtError) -> String {
+    let report = match e {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
+        CaughtError::RustPanic { ereport, .. } => ereport,
+    };
+    let mut s = report.message().to_string();
+    if let Some(d) = report.detail() {
+        s.push_str(": ");
+        s.push_str(d);
+    }
+    s
+}
+
+/// Runs `f` and catches any ERROR it raises (the caller aborts).
+pub fn catch<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    let mut f = Some(f);
+    PgTryBuilder::new(AssertUnwindSafe(|| match f.take() {
+        Some(f) => Ok(f()),
+        None => Err("internal error: closure already run".to_string()),
+    }))
+    .catch_others(|e| Err(describe(&e)))
+    .execute()
+}
+
+pub fn start() {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+}
+
+pub fn commit() {
+    unsafe {
+        if pg_sys::ActiveSnapshotSet() {
+            pg_sys::PopActiveSnapshot();
+        }
+        pg_sys::CommitTransactionCommand();
+    }
+}
+
+pub fn abort() {
+    unsafe {
+        pg_sys::AbortCurrentTransaction();
+    }
+}
+
+pub fn in_transaction() -> bool {
+    unsafe { pg_sys::IsTransactionState() }
+}
+
+/// One destination transaction around `f`: committed when `f` succeeds,
+/// aborted (with the error returned) when it raises an ERROR.
+pub fn run<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    start();
+    match catch(f) {
+        Ok(v) => match catch(commit) {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                abort();
+                Err(e)
+            }
+        },
+        Err(e) => {
+            abort();
+            Err(e)
+        }
+    }
+}

@@ -20,6 +20,11 @@ use std::ffi::{c_char, c_int, c_void, CString};
 pub fn setup_origin(origin: &str) -> Result<u64, String> {
     let cname = CString::new(origin).map_err(|_| "origin name has a NUL byte".to_string())?;
     crate::pgtxn::run(|| unsafe {
+        // A session can hold one origin; later attempts of the same worker
+        // (after a retry) reuse it.
+        if pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            return pg_sys::replorigin_session_get_progress(false);
+        }
         let mut id = pg_sys::replorigin_by_name(cname.as_ptr(), true);
         if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
             id = pg_sys::replorigin_create(cname.as_ptr());

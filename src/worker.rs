@@ -174,6 +174,15 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
     slot.set_state(State::Initializing);
     slot.set_err("no error");
+    // Destination triggers and foreign keys behave as for native replication;
+    // every name the worker uses is schema-qualified.
+    let settings = crate::pgtxn::run(|| {
+        Spi::run("SET session_replication_role = replica; SET search_path = ''")
+    });
+    if !matches!(settings, Ok(Ok(()))) {
+        slot.set_err(&format!("connector \"{name}\": could not apply session settings"));
+        return;
+    }
     let ctx = WorkerContext { name, mode, slot };
     crate::engine::run(&ctx);
     slot.set_state(State::Stopped);

@@ -26,3 +26,7 @@ REVOKE EXECUTE ON FUNCTION synchdb_add_conninfo(text, text, integer, text, text,
 REVOKE EXECUTE ON FUNCTION synchdb_del_conninfo(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_start_engine_bgw(text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_stop_engine_bgw(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_restart_connector(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_pause_engine(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_resume_engine(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_set_offset(text, text) FROM PUBLIC;

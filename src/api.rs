@@ -171,6 +171,120 @@ fn synchdb_del_conninfo(name: &str) -> i32 {
 
 #[pg_extern]
 fn synchdb_start_engine_bgw(name: &str, mode: default!(&str, "'initial'")) -> i32 {
+    start_connector(name, mode)
+}
+
+/// Stops the connector if it runs, then starts it in `mode`.
+#[pg_extern]
+fn synchdb_restart_connector(name: &str, mode: default!(&str, "'initial'")) -> i32 {
+    if let Err(e) = Mode::parse(mode) {
+        config_error(e);
+    }
+    if load_conninfo(name).is_none() {
+        unknown_connector(name);
+    }
+    stop_worker(name, Duration::from_secs(60));
+    start_connector(name, mode)
+}
+
+fn not_running(name: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("connector \"{name}\" is not running"),
+        None,
+        Some("Start it with synchdb_start_engine_bgw."),
+    )
+}
+
+/// Waits (briefly) until the worker reports `state`.
+fn wait_for_state(name: &str, state: shmem::State, timeout: Duration) -> bool {
+    let started = Instant::now();
+    loop {
+        match shmem::get(my_database(), name) {
+            Some(s) if s.state == state => return true,
+            Some(s) if s.pid < 0 => return false,
+            None => return false,
+            _ => {}
+        }
+        if started.elapsed() > timeout {
+            return false;
+        }
+        nap();
+    }
+}
+
+fn nap() {
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            50,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+}
+
+/// Pauses a running connector between two transactions.
+#[pg_extern]
+fn synchdb_pause_engine(name: &str) -> i32 {
+    if load_conninfo(name).is_none() {
+        unknown_connector(name);
+    }
+    if !shmem::send_request(my_database(), name, shmem::Request::Pause, None) {
+        not_running(name);
+    }
+    if !wait_for_state(name, shmem::State::Paused, Duration::from_secs(30)) {
+        pgrx::warning!("connector \"{name}\" has not paused yet; it pauses after its current transaction");
+    }
+    0
+}
+
+/// Resumes a paused connector (from the offset set while paused, if any).
+#[pg_extern]
+fn synchdb_resume_engine(name: &str) -> i32 {
+    if load_conninfo(name).is_none() {
+        unknown_connector(name);
+    }
+    if !shmem::send_request(my_database(), name, shmem::Request::Resume, None) {
+        not_running(name);
+    }
+    0
+}
+
+/// Sets the position the connector resumes streaming from; only while paused.
+#[pg_extern]
+fn synchdb_set_offset(name: &str, lsn: &str) -> i32 {
+    if load_conninfo(name).is_none() {
+        unknown_connector(name);
+    }
+    let value = match crate::lsn::parse_lsn(lsn.trim()) {
+        Ok(v) if v > 0 => v,
+        _ => raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid LSN \"{lsn}\""),
+            None,
+            Some("Give an LSN as X/Y (e.g. 0/1A2B3C4) or as the integer shown in last_dbz_offset."),
+        ),
+    };
+    match shmem::get(my_database(), name) {
+        Some(s) if s.pid > 0 && s.state == shmem::State::Paused => {}
+        Some(s) if s.pid > 0 => raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("connector \"{name}\" is not paused"),
+            None,
+            Some("Pause it first with synchdb_pause_engine."),
+        ),
+        _ => not_running(name),
+    }
+    if !shmem::send_request(my_database(), name, shmem::Request::SetOffset, Some(value)) {
+        not_running(name);
+    }
+    0
+}
+
+fn start_connector(name: &str, mode: &str) -> i32 {
     let mode = match Mode::parse(mode) {
         Ok(m) => m,
         Err(e) => config_error(e),

@@ -38,8 +38,15 @@ pub fn setup_origin(origin: &str) -> Result<u64, String> {
     })
 }
 
-/// Resets the origin to `lsn` (from `synchdb_set_offset`).
-pub fn advance_origin(origin: &str, lsn: u64) -> Result<(), String> {
+/// Moves the origin to `lsn` (from `synchdb_set_offset`): the session lets go
+/// of it, the position is set, and the next `setup_origin` takes it again.
+pub fn reset_origin(origin: &str, lsn: u64) -> Result<(), String> {
+    unsafe {
+        if pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
+            crate::pgtxn::catch(|| pg_sys::replorigin_session_reset())?;
+            pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
+        }
+    }
     crate::pgtxn::run(|| {
         Spi::run_with_args(
             "SELECT pg_catalog.pg_replication_origin_advance($1, $2::pg_lsn)",

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 enum Stop {
     /// SIGTERM, postmaster death, or the connector / extension is gone.
     Shutdown,
+    /// Reconnect at once (a new offset was set).
+    Restart,
     /// The source failed (network, configuration): retry with backoff.
     Source(String),
     /// Our own catalog or configuration is wrong: record and stop.
@@ -51,6 +53,9 @@ pub fn run(ctx: &WorkerContext) {
         let outcome = attempt(ctx, mode, &mut skip);
         match outcome {
             Stop::Shutdown => break,
+            Stop::Restart => {
+                backoff = Duration::from_millis(10);
+            }
             Stop::Fatal(msg) => {
                 ctx.slot
                     .set_err(&format!("connector \"{}\": {msg}", ctx.name));
@@ -607,22 +612,41 @@ fn stream(
             applier.abort();
             return Ok(());
         }
-        let (req, _) = slot.take_request();
-        match req {
-            Request::Pause if !applier.in_transaction() => {
-                paused = true;
-                slot.set_state(State::Paused);
+        if !applier.in_transaction() {
+            let (req, offset) = slot.take_request();
+            match req {
+                Request::Pause => {
+                    paused = true;
+                    slot.set_state(State::Paused);
+                }
+                Request::SetOffset => {
+                    slot.set_state(State::Paused);
+                    slot.set_offset(&format!(
+                        "{{\"lsn_proc\":{offset},\"lsn_commit\":{offset},\"lsn\":{offset}}}"
+                    ));
+                }
+                Request::Resume if offset != 0 => {
+                    slot.set_state(State::UpdatingOffset);
+                    drop(client);
+                    apply::reset_origin(object, offset).map_err(Stop::Fatal)?;
+                    pgrx::log!(
+                        "synchdb: connector \"{}\" resumes from offset {}",
+                        ctx.name,
+                        crate::lsn::format_lsn(offset)
+                    );
+                    return Err(Stop::Restart);
+                }
+                Request::Resume => {
+                    paused = false;
+                    slot.set_state(State::Polling);
+                }
+                Request::None => {}
             }
-            Request::Resume => {
-                paused = false;
-                slot.set_state(State::Polling);
-            }
-            _ => {}
         }
         if paused {
-            if !sleep_or_stop(Duration::from_millis(500)) {
-                return Ok(());
-            }
+            // Keep driving the runtime so the replication session answers
+            // keepalives while nothing is applied.
+            block(rt, tokio::time::sleep(Duration::from_millis(200)))?;
             continue;
         }
         if !applier.in_transaction() && last_check.elapsed() > Duration::from_secs(5) {

@@ -91,6 +91,7 @@ pub enum Request {
     None = 0,
     Pause = 1,
     Resume = 2,
+    SetOffset = 3,
 }
 
 #[repr(C)]
@@ -405,10 +406,18 @@ impl WorkerSlot {
                 let r = match s.request {
                     1 => Request::Pause,
                     2 => Request::Resume,
+                    3 => Request::SetOffset,
                     _ => Request::None,
                 };
                 s.request = Request::None as u8;
-                let off = std::mem::take(&mut s.pending_offset);
+                let off = if r == Request::SetOffset || r == Request::Resume {
+                    s.pending_offset
+                } else {
+                    0
+                };
+                if r == Request::Resume {
+                    s.pending_offset = 0;
+                }
                 (r, off)
             }
             None => (Request::None, 0),

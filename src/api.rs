@@ -236,7 +236,9 @@ fn synchdb_pause_engine(name: &str) -> i32 {
         not_running(name);
     }
     if !wait_for_state(name, shmem::State::Paused, Duration::from_secs(30)) {
-        pgrx::warning!("connector \"{name}\" has not paused yet; it pauses after its current transaction");
+        pgrx::warning!(
+            "connector \"{name}\" has not paused yet; it pauses after its current transaction"
+        );
     }
     0
 }

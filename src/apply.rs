@@ -173,13 +173,15 @@ impl Applier {
 
     /// Commits the local transaction, recording the remote commit position
     /// in the replication origin within it.
-    pub fn commit(&mut self, commit_lsn: u64, end_lsn: u64, commit_ts: i64) {
+    /// Returns the end of the local commit record (for flush tracking).
+    pub fn commit(&mut self, commit_lsn: u64, end_lsn: u64, commit_ts: i64) -> u64 {
         unsafe {
             pg_sys::SPI_finish();
             pg_sys::replorigin_session_origin_lsn = end_lsn;
             pg_sys::replorigin_session_origin_timestamp = commit_ts;
         }
         crate::pgtxn::commit();
+        let local_end = unsafe { pg_sys::XactLastCommitEnd };
         unsafe {
             pg_sys::replorigin_session_origin_lsn = 0;
             pg_sys::replorigin_session_origin_timestamp = 0;
@@ -193,6 +195,7 @@ impl Applier {
         if self.last.lsn_proc < commit_lsn && self.last.message_type.is_empty() {
             self.last.lsn_proc = commit_lsn;
         }
+        local_end
     }
 
     /// Throws the current transaction away after an error (and forgets plans,

@@ -604,6 +604,7 @@ fn stream(
     applier.skip = skip.take();
     let mut last_check = Instant::now();
     let mut paused = false;
+    let mut flush = FlushTracker::default();
     loop {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -659,7 +660,12 @@ fn stream(
             tokio::time::timeout(Duration::from_millis(200), client.recv()).await
         });
         let ev = match ev {
-            Err(_) => continue,
+            Err(_) => {
+                if let Some(lsn) = flush.durable(local_flush_lsn()) {
+                    client.update_applied_lsn(Lsn::from_u64(lsn));
+                }
+                continue;
+            }
             Ok(Ok(Some(ev))) => ev,
             Ok(Ok(None)) => {
                 applier.abort();
@@ -699,12 +705,15 @@ fn stream(
                 end_lsn,
                 commit_time_micros,
             } => {
-                applier.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time_micros);
-                Some(end_lsn)
+                let local_end = applier.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time_micros);
+                Some(Progress::Committed {
+                    remote_end: end_lsn.as_u64(),
+                    local_end,
+                })
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 if !applier.in_transaction() {
-                    Some(wal_end)
+                    Some(Progress::Idle(wal_end))
                 } else {
                     None
                 }
@@ -712,12 +721,26 @@ fn stream(
             _ => None,
         });
         match outcome {
-            Ok(Some(done)) => {
-                client.update_applied_lsn(done);
-                if applier.last.lsn == done.as_u64() {
-                    slot.set_offset(&applier.last.to_json());
-                    slot.set_stage(Stage::ChangeDataCapture);
-                    slot.set_state(State::Polling);
+            Ok(Some(Progress::Committed {
+                remote_end,
+                local_end,
+            })) => {
+                flush.committed(remote_end, local_end);
+                slot.set_offset(&applier.last.to_json());
+                slot.set_stage(Stage::ChangeDataCapture);
+                slot.set_state(State::Polling);
+                if let Some(lsn) = flush.durable(local_flush_lsn()) {
+                    client.update_applied_lsn(Lsn::from_u64(lsn));
+                }
+            }
+            Ok(Some(Progress::Idle(wal_end))) => {
+                // Between transactions with nothing pending: everything the
+                // server sent before this keepalive is applied and durable.
+                if let Some(lsn) = flush.durable(local_flush_lsn()) {
+                    client.update_applied_lsn(Lsn::from_u64(lsn));
+                }
+                if flush.is_empty() {
+                    client.update_applied_lsn(wal_end);
                 }
             }
             Ok(None) => {}
@@ -728,5 +751,71 @@ fn stream(
                 return Err(Stop::Apply { msg: e, at });
             }
         }
+    }
+}
+
+/// What handling one replication event achieved.
+enum Progress {
+    /// A remote transaction ending at `remote_end` committed locally, its
+    /// commit record ending at `local_end`.
+    Committed { remote_end: u64, local_end: u64 },
+    /// A keepalive arrived between transactions.
+    Idle(Lsn),
+}
+
+fn local_flush_lsn() -> u64 {
+    unsafe { pg_sys::GetFlushRecPtr(std::ptr::null_mut()) }
+}
+
+/// Commits are asynchronous (as in native logical replication), so a
+/// remote position may be reported as flushed only once the local commit
+/// that applied it is on disk: this keeps (remote end, local end) pairs until
+/// the local WAL flush passes them.
+#[derive(Default)]
+pub struct FlushTracker {
+    pending: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl FlushTracker {
+    pub fn committed(&mut self, remote_end: u64, local_end: u64) {
+        self.pending.push_back((remote_end, local_end));
+    }
+
+    /// The highest remote position whose local commit is durable at
+    /// `local_flushed`, if it advanced.
+    pub fn durable(&mut self, local_flushed: u64) -> Option<u64> {
+        let mut best = None;
+        while let Some(&(remote, local)) = self.pending.front() {
+            if local > local_flushed {
+                break;
+            }
+            best = Some(remote);
+            self.pending.pop_front();
+        }
+        best
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlushTracker;
+
+    #[test]
+    fn feedback_never_runs_ahead_of_local_flush() {
+        let mut f = FlushTracker::default();
+        assert_eq!(f.durable(100), None);
+        f.committed(1000, 50);
+        f.committed(2000, 80);
+        f.committed(3000, 120);
+        assert_eq!(f.durable(40), None);
+        assert_eq!(f.durable(80), Some(2000));
+        assert!(!f.is_empty());
+        assert_eq!(f.durable(100), None);
+        assert_eq!(f.durable(120), Some(3000));
+        assert!(f.is_empty());
     }
 }

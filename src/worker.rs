@@ -177,10 +177,14 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
     // Destination triggers and foreign keys behave as for native replication;
     // every name the worker uses is schema-qualified.
     let settings = crate::pgtxn::run(|| {
-        Spi::run("SET session_replication_role = replica; SET search_path = ''")
+        Spi::run(
+            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off",
+        )
     });
     if !matches!(settings, Ok(Ok(()))) {
-        slot.set_err(&format!("connector \"{name}\": could not apply session settings"));
+        slot.set_err(&format!(
+            "connector \"{name}\": could not apply session settings"
+        ));
         return;
     }
     let ctx = WorkerContext { name, mode, slot };

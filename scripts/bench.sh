@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Benchmark: synchdb against PostgreSQL's native logical replication
+# (CREATE SUBSCRIPTION) on the same two clusters and the same pgbench data.
+#   ./scripts/bench.sh [SCALE] [BACKLOG_TRANSACTIONS]
+# (a) snapshot: time from start until every pgbench table is copied;
+# (b) catch-up: with both replicas stopped, pgbench runs BACKLOG TPC-B
+#     transactions on the source; time from restart until each replica has
+#     applied all of them. Prints both times and the ratio synchdb/native.
+# Release build; each measurement runs alone (the other replica is idle).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SCALE=${1:-10}
+BACKLOG=${2:-20000}
+./scripts/setup.sh >/dev/null
+
+BIN=/usr/lib/postgresql/15/bin
+SRC_PORT=${SRC_PORT:-25432}
+DST_PORT=${DST_PORT:-25433}
+WORK=$(mktemp -d /tmp/synchdb-bench.XXXXXX)
+chown postgres "$WORK"
+as_pg() { runuser -u postgres -- "$@"; }
+cleanup() {
+    as_pg "$BIN/pg_ctl" -D "$WORK/dst" -m immediate stop >/dev/null 2>&1 || true
+    as_pg "$BIN/pg_ctl" -D "$WORK/src" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+src() { psql -X -q -h "$WORK" -p "$SRC_PORT" -U postgres -d postgres "$@"; }
+dst() { psql -X -q -h "$WORK" -p "$DST_PORT" -U postgres -d postgres "$@"; }
+nat() { psql -X -q -h "$WORK" -p "$DST_PORT" -U postgres -d native "$@"; }
+now() { date +%s.%N; }
+elapsed() { echo "$(now) - $1" | bc; }
+wait_sql() { # runner sql expected timeout
+    local deadline=$((SECONDS + $4))
+    until [ "$($1 -Atc "$2")" = "$3" ]; do
+        [ $SECONDS -lt "$deadline" ] || { echo "timeout waiting for $2" >&2; exit 1; }
+        sleep 0.05
+    done
+}
+command -v bc >/dev/null || { apt-get install -y -qq bc >/dev/null; }
+
+for side in src dst; do
+    as_pg "$BIN/initdb" -D "$WORK/$side" -U postgres --auth-local=trust --auth-host=trust >/dev/null
+done
+cat >> "$WORK/src/postgresql.conf" <<CONF
+port = $SRC_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+wal_level = logical
+max_wal_size = 4GB
+CONF
+cat >> "$WORK/dst/postgresql.conf" <<CONF
+port = $DST_PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+shared_preload_libraries = 'synchdb'
+max_wal_size = 4GB
+max_worker_processes = 16
+CONF
+as_pg "$BIN/pg_ctl" -D "$WORK/src" -l "$WORK/src.log" -w start >/dev/null
+as_pg "$BIN/pg_ctl" -D "$WORK/dst" -l "$WORK/dst.log" -w start >/dev/null
+
+echo "== pgbench -i -s $SCALE on the source"
+as_pg "$BIN/pgbench" -h "$WORK" -p "$SRC_PORT" -U postgres -i -s "$SCALE" -q postgres 2>&1 | tail -1
+ROWS=$(src -Atc "SELECT count(*) FROM pgbench_accounts")
+echo "   pgbench_accounts: $ROWS rows"
+
+dst -c "CREATE EXTENSION synchdb" -c "CREATE DATABASE native"
+as_pg "$BIN/pg_dump" -h "$WORK" -p "$SRC_PORT" -U postgres -s -t 'pgbench_*' postgres | nat >/dev/null
+src -c "CREATE PUBLICATION bench_native FOR ALL TABLES"
+
+echo "== (a) snapshot"
+T=$(now)
+dst -c "SELECT synchdb_add_conninfo('bench','127.0.0.1',$SRC_PORT,'postgres','','postgres','public','null','null','postgres')" \
+    -c "SELECT synchdb_start_engine_bgw('bench')" >/dev/null
+wait_sql dst "SELECT count(*) FROM synchdb_table_state WHERE name = 'bench'" 4 3600
+SNAP_SYNCHDB=$(elapsed "$T")
+echo "   synchdb: ${SNAP_SYNCHDB}s"
+[ "$(dst -Atc "SELECT count(*) FROM postgres.pgbench_accounts")" = "$ROWS" ] || { echo "row count mismatch"; exit 1; }
+
+T=$(now)
+nat -c "CREATE SUBSCRIPTION bench_native CONNECTION 'host=127.0.0.1 port=$SRC_PORT dbname=postgres user=postgres' PUBLICATION bench_native"
+wait_sql nat "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'" 0 3600
+SNAP_NATIVE=$(elapsed "$T")
+echo "   native:  ${SNAP_NATIVE}s"
+
+echo "== (b) catch-up of $BACKLOG pgbench transactions"
+dst -c "SELECT synchdb_stop_engine_bgw('bench')" >/dev/null
+nat -c "ALTER SUBSCRIPTION bench_native DISABLE"
+wait_sql src "SELECT count(*) FROM pg_replication_slots WHERE active" 0 60
+as_pg "$BIN/pgbench" -h "$WORK" -p "$SRC_PORT" -U postgres -c 4 -j 2 -t $((BACKLOG / 4)) -n postgres >/dev/null
+HIST=$(src -Atc "SELECT count(*) FROM pgbench_history")
+SUM=$(src -Atc "SELECT sum(abalance) FROM pgbench_accounts")
+
+T=$(now)
+dst -c "SELECT synchdb_start_engine_bgw('bench')" >/dev/null
+wait_sql dst "SELECT count(*) FROM postgres.pgbench_history" "$HIST" 3600
+CATCH_SYNCHDB=$(elapsed "$T")
+echo "   synchdb: ${CATCH_SYNCHDB}s"
+[ "$(dst -Atc "SELECT sum(abalance) FROM postgres.pgbench_accounts")" = "$SUM" ] || { echo "synchdb balance mismatch"; exit 1; }
+dst -c "SELECT synchdb_stop_engine_bgw('bench')" >/dev/null
+
+T=$(now)
+nat -c "ALTER SUBSCRIPTION bench_native ENABLE"
+wait_sql nat "SELECT count(*) FROM pgbench_history" "$HIST" 3600
+CATCH_NATIVE=$(elapsed "$T")
+echo "   native:  ${CATCH_NATIVE}s"
+[ "$(nat -Atc "SELECT sum(abalance) FROM pgbench_accounts")" = "$SUM" ] || { echo "native balance mismatch"; exit 1; }
+
+echo
+printf "%-10s %12s %12s %8s\n" "" "synchdb(s)" "native(s)" "ratio"
+printf "%-10s %12.2f %12.2f %8.2f\n" snapshot "$SNAP_SYNCHDB" "$SNAP_NATIVE" "$(echo "$SNAP_SYNCHDB / $SNAP_NATIVE" | bc -l)"
+printf "%-10s %12.2f %12.2f %8.2f\n" catch-up "$CATCH_SYNCHDB" "$CATCH_NATIVE" "$(echo "$CATCH_SYNCHDB / $CATCH_NATIVE" | bc -l)"

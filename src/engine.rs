@@ -691,7 +691,7 @@ fn stream(
             ReplicationEvent::XLogData {
                 wal_start, data, ..
             } => {
-                match decode::decode(&data) {
+                match decode::decode_bytes(&data) {
                     Ok(msg) => applier.apply(msg, wal_start.as_u64()),
                     Err(e) => pgrx::error!(
                         "malformed pgoutput message at {}: {e}",

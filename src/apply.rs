@@ -29,7 +29,7 @@ pub fn setup_origin(origin: &str) -> Result<u64, String> {
         if id == pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
             id = pg_sys::replorigin_create(cname.as_ptr());
         }
-        #[cfg(any(feature = "pg15"))]
+        #[cfg(feature = "pg15")]
         pg_sys::replorigin_session_setup(id);
         #[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
         pg_sys::replorigin_session_setup(id, 0);

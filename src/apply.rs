@@ -127,6 +127,8 @@ pub struct Applier {
     change_idx: u64,
     /// A change to skip, (final_lsn, index in its transaction), set by the skip strategy.
     pub skip: Option<(u64, u64)>,
+    /// The source relation of the change being applied (for error context).
+    current_rel: String,
     pub last: Position,
     pub counters: Counters,
     change_cxt: pgrx::PgMemoryContexts,
@@ -149,6 +151,7 @@ impl Applier {
             commit_ts: 0,
             change_idx: 0,
             skip: None,
+            current_rel: String::new(),
             last: Position::default(),
             counters: Counters::default(),
             change_cxt: pgrx::PgMemoryContexts::new("synchdb change"),
@@ -276,6 +279,19 @@ impl Applier {
         (self.final_lsn, self.change_idx.saturating_sub(1))
     }
 
+    /// Where the apply stands, for error messages.
+    pub fn context(&self) -> String {
+        let mut s = format!(
+            "remote transaction {} (commit LSN {})",
+            self.xid,
+            crate::lsn::format_lsn(self.final_lsn)
+        );
+        if !self.current_rel.is_empty() {
+            s = format!("table {}, {s}", self.current_rel);
+        }
+        s
+    }
+
     fn relation(&mut self, rel: Relation) {
         if let Some(mut old) = self.rels.remove(&rel.id) {
             for (_, p) in old.plans.drain() {
@@ -301,10 +317,21 @@ impl Applier {
                 Some(t)
             }
         };
+        self.current_rel = format!("{}.{}", rel.namespace, rel.name);
         let dest = match &target {
             Some(t) => {
-                if self.create_missing && !dest_exists(&t.dst_schema, &t.dst_table) {
-                    create_from_relation(&rel, t);
+                if !dest_exists(&t.dst_schema, &t.dst_table) {
+                    if self.create_missing {
+                        create_from_relation(&rel, t);
+                    } else {
+                        pgrx::error!(
+                            "destination table {}.{} for source table {}.{} does not exist; in mode never the captured tables must be created first",
+                            t.dst_schema,
+                            t.dst_table,
+                            rel.namespace,
+                            rel.name
+                        );
+                    }
                 }
                 dest_columns(&rel, t)
             }
@@ -325,6 +352,7 @@ impl Applier {
         let Some(entry) = self.rels.get(&rel_id) else {
             pgrx::error!("change for relation id {rel_id} arrived before its Relation message");
         };
+        self.current_rel = format!("{}.{}", entry.rel.namespace, entry.rel.name);
         match &entry.target {
             Some(t) if self.final_lsn >= t.sync_lsn => f(self, rel_id),
             _ => {}

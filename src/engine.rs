@@ -202,9 +202,16 @@ fn block<F: std::future::Future>(rt: &tokio::runtime::Runtime, fut: F) -> Result
 }
 
 fn attempt(ctx: &WorkerContext, mode: Mode, skip: &mut Option<(u64, u64)>) -> Stop {
-    match attempt_inner(ctx, mode, skip) {
-        Ok(()) => Stop::Shutdown,
-        Err(s) => s,
+    // Any ERROR or panic that escapes is recorded instead of ending the
+    // worker with an empty `err`.
+    let r = pgtxn::catch(|| attempt_inner(ctx, mode, skip));
+    if pgtxn::in_transaction() {
+        pgtxn::abort();
+    }
+    match r {
+        Ok(Ok(())) => Stop::Shutdown,
+        Ok(Err(s)) => s,
+        Err(msg) => Stop::Fatal(format!("internal error: {msg}")),
     }
 }
 
@@ -331,6 +338,9 @@ fn attempt_inner(
         slot.set_state(State::Polling);
         slot.set_err("no error");
         drop(client);
+        block(rt, async {
+            tokio::time::sleep(Duration::from_millis(20)).await
+        })?;
         loop {
             if !sleep_or_stop(Duration::from_secs(5)) || !still_defined(&ctx.name) {
                 return Ok(());
@@ -548,8 +558,13 @@ fn snapshot_tables(
     }
     let _ = block(rt, client.batch_execute("COMMIT"));
     drop(client);
-    // Ending the session drops the temporary slot and the exported snapshot.
+    // Ending the session drops the temporary slot and the exported snapshot;
+    // the runtime must run once more for the aborted tasks to close their
+    // connections.
     drop(gate);
+    block(rt, async {
+        tokio::time::sleep(Duration::from_millis(20)).await
+    })?;
     Ok(())
 }
 
@@ -647,7 +662,9 @@ fn stream(
         if paused {
             // Keep driving the runtime so the replication session answers
             // keepalives while nothing is applied.
-            block(rt, tokio::time::sleep(Duration::from_millis(200)))?;
+            block(rt, async {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            })?;
             continue;
         }
         if !applier.in_transaction() && last_check.elapsed() > Duration::from_secs(5) {
@@ -746,6 +763,7 @@ fn stream(
             Ok(None) => {}
             Err(e) => {
                 let at = Some(applier.current_change());
+                let e = format!("{e} ({})", applier.context());
                 applier.abort();
                 drop(client);
                 return Err(Stop::Apply { msg: e, at });

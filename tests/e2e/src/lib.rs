@@ -230,6 +230,27 @@ impl Cluster {
             .collect()
     }
 
+    /// Like `query_strings`, but a failure (e.g. the server is restarting
+    /// after a crash) is returned instead of failing the test.
+    pub fn try_query_strings(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        let conn = format!(
+            "host={} port={} user=postgres dbname=postgres connect_timeout=5",
+            self.dir.display(),
+            self.port
+        );
+        let mut client = Client::connect(&conn, NoTls).map_err(|e| describe(&e))?;
+        let msgs = client.simple_query(sql).map_err(|e| describe(&e))?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     pub fn query_one_string(&self, sql: &str) -> Option<String> {
         self.query_strings(sql)
             .into_iter()
@@ -237,8 +258,13 @@ impl Cluster {
             .and_then(|r| r.into_iter().next().flatten())
     }
 
+    /// A single integer result; -1 when the query fails (so that waits can
+    /// poll through a server restart).
     pub fn count(&self, sql: &str) -> i64 {
-        self.query_one_string(sql)
+        self.try_query_strings(sql)
+            .ok()
+            .and_then(|rows| rows.into_iter().next())
+            .and_then(|r| r.into_iter().next().flatten())
             .and_then(|s| s.parse().ok())
             .unwrap_or(-1)
     }
@@ -356,10 +382,13 @@ impl Pair {
     }
 
     pub fn state(&self, name: &str) -> Option<StateRow> {
-        let rows = self.dst.query_strings(&format!(
-            "SELECT name, connector_type, pid, stage, state, err, last_dbz_offset
-               FROM synchdb_state_view WHERE name = '{name}'"
-        ));
+        let rows = self
+            .dst
+            .try_query_strings(&format!(
+                "SELECT name, connector_type, pid, stage, state, err, last_dbz_offset
+                   FROM synchdb_state_view WHERE name = '{name}'"
+            ))
+            .ok()?;
         rows.into_iter().next().map(|r| {
             let s = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
             StateRow {
@@ -406,7 +435,14 @@ impl Pair {
     }
 
     pub fn tables_equal(&self, src_table: &str, dst_table: &str, order_by: &str) -> bool {
-        table_text(&self.src, src_table, order_by) == table_text(&self.dst, dst_table, order_by)
+        let q = |t: &str| format!("SELECT t::text FROM {t} t ORDER BY {order_by}");
+        match (
+            self.src.try_query_strings(&q(src_table)),
+            self.dst.try_query_strings(&q(dst_table)),
+        ) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
     }
 
     pub fn wait_tables_equal(&self, src_table: &str, dst_table: &str, order_by: &str) {

@@ -7,6 +7,8 @@
 
 use crate::conninfo::TableRef;
 use crate::decode::{Message, OldKind, Relation, TupleValue};
+use crate::schema::{self, ColumnChange};
+use crate::source::{SourceTable, UserType};
 use crate::sqlgen::{self, KeyMatch};
 use bytes::{Buf, Bytes};
 use pgrx::pg_sys;
@@ -55,6 +57,19 @@ pub fn reset_origin(origin: &str, lsn: u64) -> Result<(), String> {
     })?
     .map_err(|e| e.to_string())
 }
+
+/// What the applier asks the source while streaming (new tables, added
+/// columns). Implemented by the engine over its source connection.
+pub trait SourceCatalog {
+    /// The shape of a source table and the user-defined types it uses.
+    fn describe(&mut self, table: &TableRef) -> Result<(SourceTable, Vec<UserType>), String>;
+    /// The default expression of a source column, if it has one.
+    fn column_default(&mut self, relid: u32, column: &str) -> Result<Option<String>, String>;
+}
+
+/// OIDs below this belong to objects PostgreSQL creates itself (built-in
+/// types keep their OIDs on every server).
+const FIRST_NORMAL_OID: u32 = 16384;
 
 /// Where a captured source table lands, and its snapshot position.
 #[derive(Debug, Clone)]
@@ -105,6 +120,7 @@ impl Position {
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     pub transactions: u64,
+    pub ddl: u64,
     pub inserts: u64,
     pub updates: u64,
     pub deletes: u64,
@@ -114,7 +130,11 @@ pub struct Counters {
 }
 
 /// Applies one remote transaction at a time inside one local transaction.
-pub struct Applier {
+pub struct Applier<'c> {
+    connector: String,
+    catalog: &'c mut dyn SourceCatalog,
+    /// The last name seen for each source relation OID (renames).
+    names_by_relid: HashMap<u32, TableRef>,
     rels: HashMap<u32, RelEntry>,
     targets: HashMap<TableRef, TableTarget>,
     /// May tables be created from Relation messages when missing (not in `never`).
@@ -134,13 +154,18 @@ pub struct Applier {
     change_cxt: pgrx::PgMemoryContexts,
 }
 
-impl Applier {
+impl<'c> Applier<'c> {
     pub fn new(
+        connector: &str,
+        catalog: &'c mut dyn SourceCatalog,
         targets: HashMap<TableRef, TableTarget>,
         dst_schema: &str,
         create_missing: bool,
-    ) -> Applier {
+    ) -> Applier<'c> {
         Applier {
+            connector: connector.to_string(),
+            catalog,
+            names_by_relid: HashMap::new(),
             rels: HashMap::new(),
             targets,
             create_missing,
@@ -302,8 +327,16 @@ impl Applier {
             schema: rel.namespace.clone(),
             table: rel.name.clone(),
         };
+        self.current_rel = key.to_string();
+        // A source table renamed during this session keeps its OID.
+        if let Some(old_key) = self.names_by_relid.get(&rel.id).cloned() {
+            if old_key != key && !self.targets.contains_key(&key) {
+                self.rename_table(&old_key, &key);
+            }
+        }
+        self.names_by_relid.insert(rel.id, key.clone());
         let target = match self.targets.get(&key) {
-            Some(t) => Some(t.clone()),
+            Some(t) => t.clone(),
             None => {
                 // A table the stream brings that the snapshot did not know
                 // (created later on the source): it lands in the destination
@@ -313,42 +346,174 @@ impl Applier {
                     dst_table: rel.name.clone(),
                     sync_lsn: 0,
                 };
-                self.targets.insert(key, t.clone());
-                Some(t)
+                self.targets.insert(key.clone(), t.clone());
+                t
             }
         };
-        self.current_rel = format!("{}.{}", rel.namespace, rel.name);
-        let dest = match &target {
-            Some(t) => {
-                if !dest_exists(&t.dst_schema, &t.dst_table) {
-                    if self.create_missing {
-                        create_from_relation(&rel, t);
-                    } else {
-                        pgrx::error!(
-                            "destination table {}.{} for source table {}.{} does not exist; in mode never the captured tables must be created first",
-                            t.dst_schema,
-                            t.dst_table,
-                            rel.namespace,
-                            rel.name
-                        );
-                    }
-                }
-                dest_columns(&rel, t)
+        if !schema::exists_table(&target.dst_schema, &target.dst_table) {
+            if !self.create_missing {
+                pgrx::error!(
+                    "destination table {}.{} for source table {} does not exist; in mode never the captured tables must be created first",
+                    target.dst_schema,
+                    target.dst_table,
+                    key
+                );
             }
-            None => Vec::new(),
-        };
+            let (shape, types) = match self.catalog.describe(&key) {
+                Ok(v) => v,
+                Err(e) => pgrx::error!("cannot read the definition of new source table {key}: {e}"),
+            };
+            schema::ensure_user_types(&types, &target.dst_schema);
+            schema::create_table(&target.dst_schema, &target.dst_table, &shape, false, false);
+            schema::record_table(
+                &self.connector,
+                &key,
+                &target.dst_schema,
+                &target.dst_table,
+                0,
+                0,
+            );
+            self.counters.ddl += 1;
+            pgrx::log!(
+                "synchdb: connector \"{}\" created {}.{} for new source table {key}",
+                self.connector,
+                target.dst_schema,
+                target.dst_table
+            );
+        } else {
+            self.follow_schema(&rel, &key, &target);
+        }
+        let dest = dest_columns(&rel, &target);
         self.rels.insert(
             rel.id,
             RelEntry {
                 rel,
-                target,
+                target: Some(target),
                 dest,
                 plans: HashMap::new(),
             },
         );
     }
 
-    fn change(&mut self, rel_id: u32, f: impl FnOnce(&mut Applier, u32)) {
+    fn rename_table(&mut self, old: &TableRef, new: &TableRef) {
+        let Some(t) = self.targets.remove(old) else {
+            return;
+        };
+        let renamed = TableTarget {
+            dst_table: new.table.clone(),
+            ..t.clone()
+        };
+        if !schema::exists_table(&renamed.dst_schema, &renamed.dst_table) {
+            schema::run_ddl(&format!(
+                "ALTER TABLE {} RENAME TO {}",
+                sqlgen::qualified(&t.dst_schema, &t.dst_table),
+                sqlgen::quote_ident(&renamed.dst_table)
+            ));
+        }
+        schema::rename_table_state(&self.connector, old, new, &renamed.dst_table);
+        self.counters.ddl += 1;
+        pgrx::log!(
+            "synchdb: connector \"{}\": source table {old} was renamed to {new}; renamed {}.{} to {}",
+            self.connector,
+            t.dst_schema,
+            t.dst_table,
+            renamed.dst_table
+        );
+        self.targets.insert(new.clone(), renamed);
+    }
+
+    /// Applies the column changes a Relation message reveals.
+    fn follow_schema(&mut self, rel: &Relation, key: &TableRef, t: &TableTarget) {
+        let dest = schema::dest_columns(&t.dst_schema, &t.dst_table);
+        let src: Vec<(String, Option<u32>, i32)> = rel
+            .columns
+            .iter()
+            .map(|c| {
+                let builtin = c.type_oid < FIRST_NORMAL_OID;
+                (c.name.clone(), builtin.then_some(c.type_oid), c.type_mod)
+            })
+            .collect();
+        let dst: Vec<(String, u32, i32)> = dest
+            .iter()
+            .filter(|d| !d.generated)
+            .map(|d| (d.name.clone(), u32::from(d.type_oid), d.typmod))
+            .collect();
+        let changes = schema::diff_columns(&src, &dst);
+        if changes.is_empty() {
+            return;
+        }
+        let target = sqlgen::qualified(&t.dst_schema, &t.dst_table);
+        let mut shape: Option<SourceTable> = None;
+        for ch in changes {
+            let ddl = match &ch {
+                ColumnChange::Rename { from, to } => format!(
+                    "ALTER TABLE {target} RENAME COLUMN {} TO {}",
+                    sqlgen::quote_ident(from),
+                    sqlgen::quote_ident(to)
+                ),
+                ColumnChange::Drop { name } => {
+                    format!(
+                        "ALTER TABLE {target} DROP COLUMN {}",
+                        sqlgen::quote_ident(name)
+                    )
+                }
+                ColumnChange::Add { name, .. } | ColumnChange::Retype { name, .. } => {
+                    if shape.is_none() {
+                        match self.catalog.describe(key) {
+                            Ok((s, types)) => {
+                                schema::ensure_user_types(&types, &t.dst_schema);
+                                shape = Some(s);
+                            }
+                            Err(e) => pgrx::error!(
+                                "cannot read the definition of source table {key}: {e}"
+                            ),
+                        }
+                    }
+                    let col = shape
+                        .as_ref()
+                        .and_then(|s| s.columns.iter().find(|c| &c.name == name).cloned());
+                    let Some(col) = col else {
+                        pgrx::error!("column \"{name}\" of source table {key} is not in the source catalog any more");
+                    };
+                    let ty = schema::type_sql(
+                        &col.ty,
+                        &t.dst_schema,
+                        &format!("column \"{name}\" of {key}"),
+                    );
+                    if matches!(ch, ColumnChange::Retype { .. }) {
+                        format!(
+                            "ALTER TABLE {target} ALTER COLUMN {c} TYPE {ty} USING {c}::text::{ty}",
+                            c = sqlgen::quote_ident(name)
+                        )
+                    } else {
+                        let mut d = format!(
+                            "ALTER TABLE {target} ADD COLUMN {} {ty}",
+                            sqlgen::quote_ident(name)
+                        );
+                        if let Some(g) = &col.generated {
+                            d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
+                        } else {
+                            let default = self.catalog.column_default(rel.id, name).unwrap_or(None);
+                            // Existing rows got the default on the source; a
+                            // sequence default cannot be reproduced here.
+                            if let Some(def) = default.filter(|d| !d.contains("nextval(")) {
+                                d.push_str(&format!(" DEFAULT {def}"));
+                            }
+                        }
+                        d
+                    }
+                }
+            };
+            schema::run_ddl(&ddl);
+            self.counters.ddl += 1;
+            pgrx::log!(
+                "synchdb: connector \"{}\" followed a schema change of {key}: {ddl}",
+                self.connector
+            );
+        }
+    }
+
+    fn change(&mut self, rel_id: u32, f: impl FnOnce(&mut Self, u32)) {
         let Some(entry) = self.rels.get(&rel_id) else {
             pgrx::error!("change for relation id {rel_id} arrived before its Relation message");
         };
@@ -645,114 +810,26 @@ fn types_of(e: &RelEntry, cols: &[usize]) -> Vec<pg_sys::Oid> {
         .collect()
 }
 
-fn dest_exists(schema: &str, table: &str) -> bool {
-    matches!(
-        Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                             WHERE n.nspname = $1 AND c.relname = $2)",
-            &[schema.into(), table.into()],
-        ),
-        Ok(Some(true))
-    )
-}
-
-/// Creates a destination table for a relation first seen in the stream,
-/// from the column types pgoutput announces (built-in types keep their OIDs).
-fn create_from_relation(rel: &Relation, t: &TableTarget) {
-    let mut cols = Vec::new();
-    for c in &rel.columns {
-        let ty = Spi::get_one_with_args::<String>(
-            "SELECT pg_catalog.format_type($1, $2)",
-            &[pg_sys::Oid::from(c.type_oid).into(), c.type_mod.into()],
-        );
-        let type_sql = match ty {
-            Ok(Some(s)) if !s.starts_with("???") => s,
-            _ => pgrx::error!(
-                "cannot create {}.{}: column \"{}\" has type OID {} unknown in the destination",
-                rel.namespace,
-                rel.name,
-                c.name,
-                c.type_oid
-            ),
-        };
-        cols.push(sqlgen::ColumnDef {
-            name: c.name.clone(),
-            type_sql,
-            not_null: c.is_key,
-        });
-    }
-    let pk: Vec<String> = rel
-        .columns
-        .iter()
-        .filter(|c| c.is_key)
-        .map(|c| c.name.clone())
-        .collect();
-    let pk = if rel.replica_identity == b'd' {
-        pk
-    } else {
-        Vec::new()
-    };
-    let ddl = format!(
-        "CREATE SCHEMA IF NOT EXISTS {}; {}",
-        sqlgen::quote_ident(&t.dst_schema),
-        sqlgen::create_table(&t.dst_schema, &t.dst_table, &cols, &pk)
-    );
-    if let Err(e) = Spi::run(&ddl) {
-        pgrx::error!("{e}");
-    }
-    pgrx::log!(
-        "synchdb: created {}.{} for a table first seen in the stream",
-        t.dst_schema,
-        t.dst_table
-    );
-}
-
-/// Looks up the destination column (type, typmod, input function) of each
-/// source column, by name.
+/// The destination column (type, typmod, input function) of each source
+/// column, by name.
 fn dest_columns(rel: &Relation, t: &TableTarget) -> Vec<Option<DestColumn>> {
-    let qualified = sqlgen::qualified(&t.dst_schema, &t.dst_table);
-    let mut found: HashMap<String, (pg_sys::Oid, i32)> = HashMap::new();
-    let res: Result<(), pgrx::spi::Error> = Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-            None,
-            &[qualified.as_str().into()],
-        )?;
-        for row in rows {
-            if let (Some(n), Some(ty), Some(m)) = (
-                row.get::<String>(1)?,
-                row.get::<pg_sys::Oid>(2)?,
-                row.get::<i32>(3)?,
-            ) {
-                found.insert(n, (ty, m));
-            }
-        }
-        Ok(())
-    });
-    if let Err(e) = res {
-        pgrx::error!(
-            "destination table {}.{} for source table {}.{} is not usable: {e}",
-            t.dst_schema,
-            t.dst_table,
-            rel.namespace,
-            rel.name
-        );
-    }
+    let cols = schema::dest_columns(&t.dst_schema, &t.dst_table);
     rel.columns
         .iter()
         .map(|c| {
-            found.get(&c.name).map(|(ty, m)| {
-                let mut input_fn = pg_sys::InvalidOid;
-                let mut ioparam = pg_sys::InvalidOid;
-                unsafe { pg_sys::getTypeInputInfo(*ty, &mut input_fn, &mut ioparam) };
-                DestColumn {
-                    type_oid: *ty,
-                    typmod: *m,
-                    input_fn,
-                    ioparam,
-                }
-            })
+            cols.iter()
+                .find(|d| d.name == c.name && !d.generated)
+                .map(|d| {
+                    let mut input_fn = pg_sys::InvalidOid;
+                    let mut ioparam = pg_sys::InvalidOid;
+                    unsafe { pg_sys::getTypeInputInfo(d.type_oid, &mut input_fn, &mut ioparam) };
+                    DestColumn {
+                        type_oid: d.type_oid,
+                        typmod: d.typmod,
+                        input_fn,
+                        ioparam,
+                    }
+                })
         })
         .collect()
 }

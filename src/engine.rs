@@ -10,6 +10,7 @@ use crate::conninfo::{self, ConnInfo, Mode, TableRef};
 use crate::decode;
 use crate::gucs::{self, ErrorStrategy};
 use crate::pgtxn;
+use crate::schema;
 use crate::shmem::{Request, Stage, State};
 use crate::source::{self, SourceError, SourceTable};
 use crate::sqlgen;
@@ -297,6 +298,15 @@ fn attempt_inner(
         for t in copy.iter().chain(schema_only.iter()) {
             shapes.insert(t.clone(), block(rt, source::describe_table(&client, t))??);
         }
+        let mut udt_roots: Vec<u32> = Vec::new();
+        for shape in shapes.values() {
+            for oid in source::user_type_roots(shape) {
+                if !udt_roots.contains(&oid) {
+                    udt_roots.push(oid);
+                }
+            }
+        }
+        let user_types = block(rt, source::describe_user_types(&client, &udt_roots))??;
         if !schema_only.is_empty() {
             slot.set_stage(Stage::SchemaSync);
             slot.set_state(State::Syncing);
@@ -307,8 +317,9 @@ fn attempt_inner(
                     .cloned()
                     .unwrap_or_else(|| t.table.clone());
                 pgtxn::run(|| {
-                    create_dest_table(&dst_schema, &dst, shape, false);
-                    record_table(&ctx.name, t, &dst_schema, &dst, 0, 0);
+                    schema::ensure_user_types(&user_types, &dst_schema);
+                    schema::create_table(&dst_schema, &dst, shape, false, false);
+                    schema::record_table(&ctx.name, t, &dst_schema, &dst, 0, 0);
                 })
                 .map_err(|e| Stop::Apply {
                     msg: format!("creating {dst_schema}.{dst}: {e}"),
@@ -326,6 +337,7 @@ fn attempt_inner(
                 &object,
                 &copy,
                 &shapes,
+                &user_types,
                 &dest_names,
                 &dst_schema,
                 mode,
@@ -372,10 +384,10 @@ fn attempt_inner(
             },
         );
     }
-    drop(client);
     stream(
         ctx,
         rt,
+        client,
         &info,
         &object,
         targets,
@@ -384,68 +396,6 @@ fn attempt_inner(
         copied_now,
         skip,
     )
-}
-
-/// Creates (or, when `rebuild`, drops and re-creates) a destination table.
-fn create_dest_table(dst_schema: &str, dst_table: &str, shape: &SourceTable, rebuild: bool) {
-    let cols: Vec<sqlgen::ColumnDef> = shape
-        .columns
-        .iter()
-        .map(|c| sqlgen::ColumnDef {
-            name: c.name.clone(),
-            type_sql: c.type_sql.clone(),
-            not_null: c.not_null,
-        })
-        .collect();
-    let mut sql = format!(
-        "CREATE SCHEMA IF NOT EXISTS {};",
-        sqlgen::quote_ident(dst_schema)
-    );
-    if rebuild {
-        sql.push_str(&format!(
-            "DROP TABLE IF EXISTS {};",
-            sqlgen::qualified(dst_schema, dst_table)
-        ));
-    }
-    sql.push_str(&sqlgen::create_table(
-        dst_schema,
-        dst_table,
-        &cols,
-        &shape.primary_key,
-    ));
-    if let Err(e) = Spi::run(&sql) {
-        pgrx::error!("{e}");
-    }
-}
-
-fn record_table(
-    name: &str,
-    t: &TableRef,
-    dst_schema: &str,
-    dst_table: &str,
-    sync_lsn: u64,
-    rows: u64,
-) {
-    let r = Spi::run_with_args(
-        "INSERT INTO public.synchdb_table_state
-              (name, src_schema, src_table, dst_schema, dst_table, state, sync_lsn, rows_copied, synced_at)
-         VALUES ($1, $2, $3, $4, $5, 'ready', $6::pg_lsn, $7, now())
-         ON CONFLICT (name, src_schema, src_table) DO UPDATE
-            SET dst_schema = EXCLUDED.dst_schema, dst_table = EXCLUDED.dst_table, state = 'ready',
-                sync_lsn = EXCLUDED.sync_lsn, rows_copied = EXCLUDED.rows_copied, synced_at = now()",
-        &[
-            name.into(),
-            t.schema.as_str().into(),
-            t.table.as_str().into(),
-            dst_schema.into(),
-            dst_table.into(),
-            crate::lsn::format_lsn(sync_lsn).as_str().into(),
-            i64::try_from(rows).unwrap_or(i64::MAX).into(),
-        ],
-    );
-    if let Err(e) = r {
-        pgrx::error!("{e}");
-    }
 }
 
 /// Copies tables inside one snapshot exported by a temporary slot; each
@@ -460,6 +410,7 @@ fn snapshot_tables(
     object: &str,
     copy: &[TableRef],
     shapes: &HashMap<TableRef, SourceTable>,
+    user_types: &[source::UserType],
     dest_names: &HashMap<TableRef, String>,
     dst_schema: &str,
     mode: Mode,
@@ -512,7 +463,7 @@ fn snapshot_tables(
         let cols: Vec<String> = shape
             .columns
             .iter()
-            .filter(|c| !c.generated)
+            .filter(|c| c.generated.is_none())
             .map(|c| c.name.clone())
             .collect();
         let col_refs: Vec<&str> = cols.iter().map(|s| s.as_str()).collect();
@@ -531,8 +482,9 @@ fn snapshot_tables(
         };
         let rebuild = mode == Mode::Always;
         let loaded = pgtxn::run(|| {
-            create_dest_table(dst_schema, &dst, shape, rebuild);
-            if !rebuild {
+            schema::ensure_user_types(user_types, dst_schema);
+            let created = schema::create_table(dst_schema, &dst, shape, rebuild, true);
+            if !created {
                 if let Err(e) =
                     Spi::run(&format!("TRUNCATE {}", sqlgen::qualified(dst_schema, &dst)))
                 {
@@ -540,7 +492,10 @@ fn snapshot_tables(
                 }
             }
             let n = apply::copy_into(dst_schema, &dst, &cols, &mut feed);
-            record_table(&ctx.name, t, dst_schema, &dst, consistent, n);
+            if created {
+                schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
+            }
+            schema::record_table(&ctx.name, t, dst_schema, &dst, consistent, n);
             n
         });
         match loaded {
@@ -590,6 +545,7 @@ fn replication_config(info: &ConnInfo, object: &str, start: u64) -> ReplicationC
 fn stream(
     ctx: &WorkerContext,
     rt: &tokio::runtime::Runtime,
+    source_client: tokio_postgres::Client,
     info: &ConnInfo,
     object: &str,
     targets: HashMap<TableRef, TableTarget>,
@@ -615,7 +571,17 @@ fn stream(
     }
     slot.set_state(State::Polling);
     slot.set_err("no error");
-    let mut applier = Applier::new(targets, dst_schema, mode.captures_schema());
+    let mut catalog = LiveCatalog {
+        rt,
+        client: source_client,
+    };
+    let mut applier = Applier::new(
+        &ctx.name,
+        &mut catalog,
+        targets,
+        dst_schema,
+        mode.captures_schema(),
+    );
     applier.skip = skip.take();
     let mut last_check = Instant::now();
     let mut paused = false;
@@ -815,6 +781,41 @@ impl FlushTracker {
 
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
+    }
+}
+
+/// The source catalog as the applier sees it while streaming.
+struct LiveCatalog<'r> {
+    rt: &'r tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+fn stop_text(s: Stop) -> String {
+    match s {
+        Stop::Shutdown | Stop::Restart => "the connector is stopping".into(),
+        Stop::Source(m) | Stop::Fatal(m) | Stop::Apply { msg: m, .. } => m,
+    }
+}
+
+impl apply::SourceCatalog for LiveCatalog<'_> {
+    fn describe(
+        &mut self,
+        table: &TableRef,
+    ) -> Result<(SourceTable, Vec<source::UserType>), String> {
+        let shape = block(self.rt, source::describe_table(&self.client, table))
+            .map_err(stop_text)?
+            .map_err(|e| e.to_string())?;
+        let roots = source::user_type_roots(&shape);
+        let types = block(self.rt, source::describe_user_types(&self.client, &roots))
+            .map_err(stop_text)?
+            .map_err(|e| e.to_string())?;
+        Ok((shape, types))
+    }
+
+    fn column_default(&mut self, relid: u32, column: &str) -> Result<Option<String>, String> {
+        block(self.rt, source::column_default(&self.client, relid, column))
+            .map_err(stop_text)?
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod gucs;
 pub mod lsn;
 pub mod pgtxn;
+pub mod schema;
 pub mod shmem;
 pub mod source;
 pub mod sqlgen;

@@ -119,13 +119,33 @@ pub async fn preflight(client: &Client, info: &ConnInfo) -> Result<i32, SourceEr
     Ok(version)
 }
 
+/// The type of a source column, as the destination must name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnType {
+    /// A built-in type: `format_type` text, valid in any database.
+    Builtin(String),
+    /// A user-defined type (enum, composite, domain, range), created in the
+    /// destination schema under the same name; `dims` array dimensions.
+    User { name: String, dims: usize },
+    /// A type that belongs to an extension (hstore, citext, ...): used as it
+    /// is when the extension exists in the destination.
+    Extension {
+        name: String,
+        extension: String,
+        dims: usize,
+    },
+}
+
 /// One column of a source table, as the destination must recreate it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceColumn {
     pub name: String,
-    pub type_sql: String,
+    pub ty: ColumnType,
+    /// The source type's OID (of the element type for arrays).
+    pub type_oid: u32,
     pub not_null: bool,
-    pub generated: bool,
+    /// The expression of a stored generated column.
+    pub generated: Option<String>,
 }
 
 /// A captured source table with its shape.
@@ -189,14 +209,7 @@ pub async fn list_tables(
 pub async fn describe_table(client: &Client, t: &TableRef) -> Result<SourceTable, SourceError> {
     let cols = client
         .query(
-            "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull,
-                    a.attgenerated <> ''
-               FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = (SELECT c.oid FROM pg_catalog.pg_class c
-                                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                                   WHERE n.nspname = $1 AND c.relname = $2)
-                AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY a.attnum",
+            include_str!("../sql/source_columns.sql"),
             &[&t.schema, &t.table],
         )
         .await
@@ -222,11 +235,29 @@ pub async fn describe_table(client: &Client, t: &TableRef) -> Result<SourceTable
         table: t.clone(),
         columns: cols
             .iter()
-            .map(|r| SourceColumn {
-                name: r.get(0),
-                type_sql: r.get(1),
-                not_null: r.get(2),
-                generated: r.get(3),
+            .map(|r| {
+                let kind: String = r.get(4);
+                let elem_name: String = r.get(5);
+                let dims = usize::try_from(r.get::<_, i32>(6)).unwrap_or(0);
+                let ty = match kind.as_str() {
+                    "user" => ColumnType::User {
+                        name: elem_name,
+                        dims,
+                    },
+                    "extension" => ColumnType::Extension {
+                        name: elem_name,
+                        extension: r.get::<_, Option<String>>(7).unwrap_or_default(),
+                        dims,
+                    },
+                    _ => ColumnType::Builtin(r.get(1)),
+                };
+                SourceColumn {
+                    name: r.get(0),
+                    ty,
+                    type_oid: r.get::<_, u32>(8),
+                    not_null: r.get(2),
+                    generated: r.get(3),
+                }
             })
             .collect(),
         primary_key: pk.iter().map(|r| r.get(0)).collect(),
@@ -367,4 +398,220 @@ pub fn drop_objects(info: &ConnInfo, object: &str) -> Result<(), SourceError> {
             .map_err(SourceError::from_pg)?;
         Ok(())
     })
+}
+
+/// A user-defined type the destination needs, with what defines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserType {
+    Enum {
+        name: String,
+        labels: Vec<String>,
+    },
+    Composite {
+        name: String,
+        attrs: Vec<(String, ColumnType)>,
+    },
+    Domain {
+        name: String,
+        base: ColumnType,
+        not_null: bool,
+        checks: Vec<String>,
+    },
+    Range {
+        name: String,
+        subtype: ColumnType,
+    },
+}
+
+impl UserType {
+    pub fn name(&self) -> &str {
+        match self {
+            UserType::Enum { name, .. }
+            | UserType::Composite { name, .. }
+            | UserType::Domain { name, .. }
+            | UserType::Range { name, .. } => name,
+        }
+    }
+}
+
+fn column_type(
+    kind: &str,
+    format: String,
+    elem: String,
+    dims: i32,
+    ext: Option<String>,
+) -> ColumnType {
+    let dims = usize::try_from(dims).unwrap_or(0);
+    match kind {
+        "user" => ColumnType::User { name: elem, dims },
+        "extension" => ColumnType::Extension {
+            name: elem,
+            extension: ext.unwrap_or_default(),
+            dims,
+        },
+        _ => ColumnType::Builtin(format),
+    }
+}
+
+/// The user-defined types the given type OIDs depend on (themselves
+/// included), dependencies first, so they can be created in order.
+pub async fn describe_user_types(
+    client: &Client,
+    roots: &[u32],
+) -> Result<Vec<UserType>, SourceError> {
+    let mut ordered: Vec<(u32, UserType)> = Vec::new();
+    let mut visiting: Vec<u32> = Vec::new();
+    for oid in roots {
+        visit_type(client, *oid, &mut ordered, &mut visiting).await?;
+    }
+    Ok(ordered.into_iter().map(|(_, t)| t).collect())
+}
+
+fn visit_type<'a>(
+    client: &'a Client,
+    oid: u32,
+    ordered: &'a mut Vec<(u32, UserType)>,
+    visiting: &'a mut Vec<u32>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SourceError>> + 'a>> {
+    Box::pin(async move {
+        if ordered.iter().any(|(o, _)| *o == oid) || visiting.contains(&oid) {
+            return Ok(());
+        }
+        let row = client
+            .query_opt(include_str!("../sql/source_type.sql"), &[&oid])
+            .await
+            .map_err(SourceError::from_pg)?;
+        let Some(row) = row else { return Ok(()) };
+        let kind: String = row.get(0);
+        if kind != "user" {
+            return Ok(());
+        }
+        visiting.push(oid);
+        let name: String = row.get(1);
+        let typtype: i8 = row.get(2);
+        let ty = match typtype as u8 {
+            b'e' => {
+                let labels = client
+                    .query(
+                        "SELECT enumlabel::text FROM pg_catalog.pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder",
+                        &[&oid],
+                    )
+                    .await
+                    .map_err(SourceError::from_pg)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                Some(UserType::Enum { name, labels })
+            }
+            b'c' => {
+                let rows = client
+                    .query(include_str!("../sql/source_composite_attrs.sql"), &[&oid])
+                    .await
+                    .map_err(SourceError::from_pg)?;
+                let mut attrs = Vec::new();
+                for r in rows {
+                    let dep: u32 = r.get(5);
+                    visit_type(client, dep, ordered, visiting).await?;
+                    attrs.push((
+                        r.get::<_, String>(0),
+                        column_type(
+                            &r.get::<_, String>(1),
+                            r.get(2),
+                            r.get(3),
+                            r.get(4),
+                            r.get(6),
+                        ),
+                    ));
+                }
+                Some(UserType::Composite { name, attrs })
+            }
+            b'd' => {
+                let base: u32 = row.get(3);
+                visit_type(client, base, ordered, visiting).await?;
+                let b = client
+                    .query_one(
+                        include_str!("../sql/source_type_ref.sql"),
+                        &[&base, &row.get::<_, i32>(4)],
+                    )
+                    .await
+                    .map_err(SourceError::from_pg)?;
+                let base_ty = column_type(
+                    &b.get::<_, String>(0),
+                    b.get(1),
+                    b.get(2),
+                    b.get(3),
+                    b.get(4),
+                );
+                let checks = client
+                    .query(
+                        "SELECT pg_catalog.pg_get_constraintdef(oid) FROM pg_catalog.pg_constraint
+                          WHERE contypid = $1 AND contype = 'c' ORDER BY conname",
+                        &[&oid],
+                    )
+                    .await
+                    .map_err(SourceError::from_pg)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                Some(UserType::Domain {
+                    name,
+                    base: base_ty,
+                    not_null: row.get(5),
+                    checks,
+                })
+            }
+            b'r' => {
+                let sub: u32 = row.get(6);
+                visit_type(client, sub, ordered, visiting).await?;
+                let b = client
+                    .query_one(include_str!("../sql/source_type_ref.sql"), &[&sub, &-1i32])
+                    .await
+                    .map_err(SourceError::from_pg)?;
+                let subtype = column_type(
+                    &b.get::<_, String>(0),
+                    b.get(1),
+                    b.get(2),
+                    b.get(3),
+                    b.get(4),
+                );
+                Some(UserType::Range { name, subtype })
+            }
+            _ => None,
+        };
+        visiting.retain(|o| *o != oid);
+        if let Some(t) = ty {
+            ordered.push((oid, t));
+        }
+        Ok(())
+    })
+}
+
+/// The default expression of a source column (by table OID and name).
+pub async fn column_default(
+    client: &Client,
+    relid: u32,
+    column: &str,
+) -> Result<Option<String>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid)
+               FROM pg_catalog.pg_attrdef d
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+              WHERE a.attrelid = $1 AND a.attname = $2 AND a.attgenerated = ''",
+            &[&relid, &column],
+        )
+        .await
+        .map_err(SourceError::from_pg)?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+/// The user-defined type OIDs a table's columns use.
+pub fn user_type_roots(shape: &SourceTable) -> Vec<u32> {
+    let mut out = Vec::new();
+    for c in &shape.columns {
+        if matches!(c.ty, ColumnType::User { .. }) && !out.contains(&c.type_oid) {
+            out.push(c.type_oid);
+        }
+    }
+    out
 }

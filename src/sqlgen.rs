@@ -51,6 +51,77 @@ pub struct ColumnDef {
     pub name: String,
     pub type_sql: String,
     pub not_null: bool,
+    /// Expression of a stored generated column (computed in the destination).
+    pub generated: Option<String>,
+}
+
+/// A string literal, quoted for SQL with standard_conforming_strings on.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+pub fn create_enum(schema: &str, name: &str, labels: &[String]) -> String {
+    let l: Vec<String> = labels.iter().map(|x| quote_literal(x)).collect();
+    format!(
+        "CREATE TYPE {} AS ENUM ({})",
+        qualified(schema, name),
+        l.join(", ")
+    )
+}
+
+pub fn create_composite(schema: &str, name: &str, attrs: &[(String, String)]) -> String {
+    let a: Vec<String> = attrs
+        .iter()
+        .map(|(n, t)| format!("{} {t}", quote_ident(n)))
+        .collect();
+    format!(
+        "CREATE TYPE {} AS ({})",
+        qualified(schema, name),
+        a.join(", ")
+    )
+}
+
+pub fn create_domain(
+    schema: &str,
+    name: &str,
+    base: &str,
+    not_null: bool,
+    checks: &[String],
+) -> String {
+    let mut s = format!("CREATE DOMAIN {} AS {base}", qualified(schema, name));
+    if not_null {
+        s.push_str(" NOT NULL");
+    }
+    for c in checks {
+        s.push(' ');
+        s.push_str(c);
+    }
+    s
+}
+
+pub fn create_range(schema: &str, name: &str, subtype: &str) -> String {
+    format!(
+        "CREATE TYPE {} AS RANGE (subtype = {subtype})",
+        qualified(schema, name)
+    )
+}
+
+/// A type name with `dims` array dimensions.
+pub fn with_dims(base: &str, dims: usize) -> String {
+    let mut s = base.to_string();
+    for _ in 0..dims {
+        s.push_str("[]");
+    }
+    s
+}
+
+pub fn add_primary_key(schema: &str, table: &str, pk: &[String]) -> String {
+    let keys: Vec<String> = pk.iter().map(|k| quote_ident(k)).collect();
+    format!(
+        "ALTER TABLE {} ADD PRIMARY KEY ({})",
+        qualified(schema, table),
+        keys.join(", ")
+    )
 }
 
 pub fn create_table(schema: &str, table: &str, cols: &[ColumnDef], pk: &[String]) -> String {
@@ -60,6 +131,9 @@ pub fn create_table(schema: &str, table: &str, cols: &[ColumnDef], pk: &[String]
             let mut d = format!("{} {}", quote_ident(&c.name), c.type_sql);
             if c.not_null {
                 d.push_str(" NOT NULL");
+            }
+            if let Some(g) = &c.generated {
+                d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
             }
             d
         })
@@ -206,16 +280,18 @@ mod tests {
                 name: "id".into(),
                 type_sql: "integer".into(),
                 not_null: true,
+                generated: None,
             },
             ColumnDef {
                 name: "Note".into(),
                 type_sql: "character varying(20)".into(),
                 not_null: false,
+                generated: Some("upper(\"x\")".into()),
             },
         ];
         assert_eq!(
             create_table("postgres", "orders", &cols, &["id".into()]),
-            "CREATE TABLE IF NOT EXISTS \"postgres\".\"orders\" (\"id\" integer NOT NULL, \"Note\" character varying(20), PRIMARY KEY (\"id\"))"
+            "CREATE TABLE IF NOT EXISTS \"postgres\".\"orders\" (\"id\" integer NOT NULL, \"Note\" character varying(20) GENERATED ALWAYS AS (upper(\"x\")) STORED, PRIMARY KEY (\"id\"))"
         );
         assert!(!create_table("s", "t", &cols, &[]).contains("PRIMARY KEY"));
     }
@@ -245,6 +321,38 @@ mod tests {
         assert_eq!(
             copy_out("public", "x", &["a"]),
             "COPY (SELECT \"a\" FROM \"public\".\"x\") TO STDOUT"
+        );
+    }
+
+    #[test]
+    fn type_ddl() {
+        assert_eq!(
+            create_enum("postgres", "mood", &["sad".into(), "it's ok".into()]),
+            "CREATE TYPE \"postgres\".\"mood\" AS ENUM ('sad', 'it''s ok')"
+        );
+        assert_eq!(
+            create_composite(
+                "s",
+                "pt",
+                &[
+                    ("x".into(), "integer".into()),
+                    ("Tag".into(), "text[]".into())
+                ]
+            ),
+            "CREATE TYPE \"s\".\"pt\" AS (\"x\" integer, \"Tag\" text[])"
+        );
+        assert_eq!(
+            create_domain("s", "pos", "integer", true, &["CHECK ((VALUE > 0))".into()]),
+            "CREATE DOMAIN \"s\".\"pos\" AS integer NOT NULL CHECK ((VALUE > 0))"
+        );
+        assert_eq!(
+            create_range("s", "fr", "double precision"),
+            "CREATE TYPE \"s\".\"fr\" AS RANGE (subtype = double precision)"
+        );
+        assert_eq!(with_dims("\"s\".\"t\"", 2), "\"s\".\"t\"[][]");
+        assert_eq!(
+            add_primary_key("s", "t", &["a".into(), "b".into()]),
+            "ALTER TABLE \"s\".\"t\" ADD PRIMARY KEY (\"a\", \"b\")"
         );
     }
 }

@@ -178,7 +178,7 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
     // every name the worker uses is schema-qualified.
     let settings = crate::pgtxn::run(|| {
         Spi::run(
-            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off",
+            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan",
         )
     });
     if !matches!(settings, Ok(Ok(()))) {

@@ -28,6 +28,8 @@ CREATE TABLE synchdb_table_state (
                     ON DELETE CASCADE ON UPDATE CASCADE,
     src_schema  text NOT NULL,
     src_table   text NOT NULL,
+    -- The source table's OID: follows renames made while streaming or stopped.
+    src_relid   oid,
     dst_schema  text NOT NULL,
     dst_table   text NOT NULL,
     state       text NOT NULL CHECK (state IN ('ready', 'schema')),

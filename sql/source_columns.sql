@@ -5,7 +5,7 @@
 --   kind 'extension' -> a type owned by an extension (name in col 7)
 -- Arrays are described through their element type and dimension count.
 WITH cols AS (
-    SELECT a.attnum, a.attname::text AS attname, a.atttypid, a.atttypmod, a.attnotnull,
+    SELECT a.attrelid, a.attnum, a.attname::text AS attname, a.atttypid, a.atttypmod, a.attnotnull,
            CASE WHEN a.attgenerated = 's'
                 THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END AS generated,
            CASE WHEN t.typcategory = 'A' AND t.typelem <> 0 THEN t.typelem ELSE t.oid END AS elem,
@@ -28,7 +28,8 @@ SELECT c.attname,
        et.typname::text,
        c.dims::int,
        e.extname::text,
-       c.elem
+       c.elem,
+       c.attrelid
   FROM cols c
   JOIN pg_catalog.pg_type et ON et.oid = c.elem
   JOIN pg_catalog.pg_namespace en ON en.oid = et.typnamespace

@@ -1,6 +1,8 @@
 -- One source type ($1 oid): whether it is user-defined, and what defines it.
 -- Columns: kind, name, typtype, domain base type, domain typmod,
---          domain NOT NULL, range subtype.
+--          domain NOT NULL, range subtype, a range's multirange type name,
+--          a multirange's range type. pg_range is read through to_jsonb so
+--          that sources older than PostgreSQL 14 (no multiranges) work too.
 SELECT CASE WHEN e.extname IS NOT NULL THEN 'extension'
             WHEN n.nspname IN ('pg_catalog', 'information_schema') THEN 'builtin'
             ELSE 'user' END,
@@ -9,7 +11,11 @@ SELECT CASE WHEN e.extname IS NOT NULL THEN 'extension'
        t.typbasetype,
        t.typtypmod,
        t.typnotnull,
-       coalesce(r.rngsubtype, 0::oid)
+       coalesce(r.rngsubtype, 0::oid),
+       (SELECT mt.typname::text FROM pg_catalog.pg_type mt
+         WHERE mt.oid = (to_jsonb(r) ->> 'rngmultitypid')::oid),
+       coalesce((SELECT r2.rngtypid FROM pg_catalog.pg_range r2
+                  WHERE (to_jsonb(r2) ->> 'rngmultitypid')::oid = t.oid), 0::oid)
   FROM pg_catalog.pg_type t
   JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
   LEFT JOIN pg_catalog.pg_range r ON r.rngtypid = t.oid

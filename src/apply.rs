@@ -79,10 +79,15 @@ pub struct TableTarget {
     /// Changes of transactions whose commit LSN is below this are already in
     /// the table's snapshot and are skipped.
     pub sync_lsn: u64,
+    /// The source table's OID when known (0: not yet seen).
+    pub src_relid: u32,
 }
 
 struct DestColumn {
     type_oid: pg_sys::Oid,
+    /// Whether the type has a default equality operator (else rows are
+    /// matched on the column's text form).
+    has_eq: bool,
     typmod: i32,
     input_fn: pg_sys::Oid,
     ioparam: pg_sys::Oid,
@@ -151,6 +156,12 @@ pub struct Applier<'c> {
     current_rel: String,
     pub last: Position,
     pub counters: Counters,
+    /// May a table be copied again when a change cannot be followed in
+    /// place (modes that copy data: initial, always).
+    pub can_resync: bool,
+    /// Set, with an ERROR raised, when a table must be copied again: the
+    /// engine drops it and restarts so that the snapshot path rebuilds it.
+    pub resync: Option<(TableRef, TableTarget)>,
     change_cxt: pgrx::PgMemoryContexts,
 }
 
@@ -162,10 +173,15 @@ impl<'c> Applier<'c> {
         dst_schema: &str,
         create_missing: bool,
     ) -> Applier<'c> {
+        let names_by_relid = targets
+            .iter()
+            .filter(|(_, t)| t.src_relid != 0)
+            .map(|(k, t)| (t.src_relid, k.clone()))
+            .collect();
         Applier {
             connector: connector.to_string(),
             catalog,
-            names_by_relid: HashMap::new(),
+            names_by_relid,
             rels: HashMap::new(),
             targets,
             create_missing,
@@ -179,6 +195,8 @@ impl<'c> Applier<'c> {
             current_rel: String::new(),
             last: Position::default(),
             counters: Counters::default(),
+            can_resync: false,
+            resync: None,
             change_cxt: pgrx::PgMemoryContexts::new("synchdb change"),
         }
     }
@@ -345,6 +363,7 @@ impl<'c> Applier<'c> {
                     dst_schema: self.dst_schema.clone(),
                     dst_table: rel.name.clone(),
                     sync_lsn: 0,
+                    src_relid: rel.id,
                 };
                 self.targets.insert(key.clone(), t.clone());
                 t
@@ -370,6 +389,7 @@ impl<'c> Applier<'c> {
                 &key,
                 &target.dst_schema,
                 &target.dst_table,
+                rel.id,
                 0,
                 0,
             );
@@ -442,6 +462,21 @@ impl<'c> Applier<'c> {
         if changes.is_empty() {
             return;
         }
+        // A type change rewrote every row on the source, possibly through an
+        // arbitrary USING expression that the stream does not carry: the only
+        // exact answer is a fresh copy of the table.
+        if self.can_resync {
+            if let Some(ColumnChange::Retype { name, .. }) = changes
+                .iter()
+                .find(|c| matches!(c, ColumnChange::Retype { .. }))
+            {
+                self.resync = Some((key.clone(), t.clone()));
+                self.counters.ddl += 1;
+                pgrx::error!(
+                    "column \"{name}\" of source table {key} changed type; the table is copied again"
+                );
+            }
+        }
         let target = sqlgen::qualified(&t.dst_schema, &t.dst_table);
         let mut shape: Option<SourceTable> = None;
         for ch in changes {
@@ -481,6 +516,9 @@ impl<'c> Applier<'c> {
                         &format!("column \"{name}\" of {key}"),
                     );
                     if matches!(ch, ColumnChange::Retype { .. }) {
+                        pgrx::warning!(
+                            "synchdb: column \"{name}\" of {key} changed type; existing destination values are converted through their text form (this mode does not copy tables again)"
+                        );
                         format!(
                             "ALTER TABLE {target} ALTER COLUMN {c} TYPE {ty} USING {c}::text::{ty}",
                             c = sqlgen::quote_ident(name)
@@ -632,7 +670,14 @@ impl<'c> Applier<'c> {
             let mut types = types_of(e, &set_cols);
             types.extend(types_of(e, &key_cols));
             (
-                sqlgen::update(&t.dst_schema, &t.dst_table, &sets, &keys, how),
+                sqlgen::update(
+                    &t.dst_schema,
+                    &t.dst_table,
+                    &sets,
+                    &keys,
+                    &by_text(e, &key_cols),
+                    how,
+                ),
                 types,
             )
         });
@@ -677,7 +722,13 @@ impl<'c> Applier<'c> {
                 .map(|i| e.rel.columns[*i].name.as_str())
                 .collect();
             (
-                sqlgen::delete(&t.dst_schema, &t.dst_table, &keys, how),
+                sqlgen::delete(
+                    &t.dst_schema,
+                    &t.dst_table,
+                    &keys,
+                    &by_text(e, &key_cols),
+                    how,
+                ),
                 types_of(e, &key_cols),
             )
         });
@@ -798,7 +849,14 @@ fn target_of(e: &RelEntry) -> TableTarget {
         dst_schema: String::new(),
         dst_table: String::new(),
         sync_lsn: 0,
+        src_relid: 0,
     })
+}
+
+fn by_text(e: &RelEntry, cols: &[usize]) -> Vec<bool> {
+    cols.iter()
+        .map(|i| matches!(e.dest.get(*i), Some(Some(c)) if !c.has_eq))
+        .collect()
 }
 
 fn types_of(e: &RelEntry, cols: &[usize]) -> Vec<pg_sys::Oid> {
@@ -823,8 +881,16 @@ fn dest_columns(rel: &Relation, t: &TableTarget) -> Vec<Option<DestColumn>> {
                     let mut input_fn = pg_sys::InvalidOid;
                     let mut ioparam = pg_sys::InvalidOid;
                     unsafe { pg_sys::getTypeInputInfo(d.type_oid, &mut input_fn, &mut ioparam) };
+                    let has_eq = unsafe {
+                        let tc = pg_sys::lookup_type_cache(
+                            d.type_oid,
+                            pg_sys::TYPECACHE_EQ_OPR as c_int,
+                        );
+                        !tc.is_null() && (*tc).eq_opr != pg_sys::InvalidOid
+                    };
                     DestColumn {
                         type_oid: d.type_oid,
+                        has_eq,
                         typmod: d.typmod,
                         input_fn,
                         ioparam,

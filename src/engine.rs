@@ -138,6 +138,7 @@ struct StoredTable {
     dst_schema: String,
     dst_table: String,
     sync_lsn: u64,
+    src_relid: u32,
 }
 
 fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop> {
@@ -145,7 +146,8 @@ fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop>
         Spi::connect(|client| {
             let mut out = HashMap::new();
             let rows = client.select(
-                "SELECT src_schema, src_table, dst_schema, dst_table, sync_lsn::text
+                "SELECT src_schema, src_table, dst_schema, dst_table, sync_lsn::text,
+                        coalesce(src_relid, 0)::bigint
                    FROM public.synchdb_table_state WHERE name = $1 AND state = 'ready'",
                 None,
                 &[name.into()],
@@ -169,6 +171,10 @@ fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop>
                         dst_schema: ds,
                         dst_table: dt,
                         sync_lsn: crate::lsn::parse_lsn(&l).unwrap_or(0),
+                        src_relid: row
+                            .get::<i64>(6)?
+                            .and_then(|v| u32::try_from(v).ok())
+                            .unwrap_or(0),
                     },
                 );
             }
@@ -177,6 +183,70 @@ fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop>
     })
     .map_err(Stop::Fatal)?
     .map_err(|e| Stop::Fatal(e.to_string()))
+}
+
+/// Source tables renamed while the connector was stopped keep their OID:
+/// their destination table and state row follow the new name instead of a
+/// new copy being made. Returns whether anything was renamed.
+fn follow_renames(
+    ctx: &WorkerContext,
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    tables: &[TableRef],
+    stored: &HashMap<TableRef, StoredTable>,
+) -> Result<bool, Stop> {
+    let unknown: Vec<TableRef> = tables
+        .iter()
+        .filter(|t| !stored.contains_key(*t))
+        .cloned()
+        .collect();
+    let orphans: Vec<(&TableRef, &StoredTable)> = stored
+        .iter()
+        .filter(|(k, s)| s.src_relid != 0 && !tables.contains(*k))
+        .collect();
+    if unknown.is_empty() || orphans.is_empty() {
+        return Ok(false);
+    }
+    let oids = block(rt, source::table_oids(client, &unknown))??;
+    let mut renamed = false;
+    for t in &unknown {
+        let Some(oid) = oids.get(t) else { continue };
+        let Some((old, s)) = orphans.iter().find(|(_, s)| s.src_relid == *oid) else {
+            continue;
+        };
+        let dst_table =
+            if s.dst_table == old.table && !schema_exists_table(&s.dst_schema, &t.table)? {
+                t.table.clone()
+            } else {
+                s.dst_table.clone()
+            };
+        pgtxn::run(|| {
+            if dst_table != s.dst_table {
+                schema::run_ddl(&format!(
+                    "ALTER TABLE {} RENAME TO {}",
+                    sqlgen::qualified(&s.dst_schema, &s.dst_table),
+                    sqlgen::quote_ident(&dst_table)
+                ));
+            }
+            schema::rename_table_state(&ctx.name, old, t, &dst_table);
+        })
+        .map_err(|e| Stop::Apply {
+            msg: format!("following the rename of {old} to {t}: {e}"),
+            at: None,
+        })?;
+        pgrx::log!(
+            "synchdb: connector \"{}\": source table {old} was renamed to {t} while stopped; {}.{} now receives it",
+            ctx.name,
+            s.dst_schema,
+            dst_table
+        );
+        renamed = true;
+    }
+    Ok(renamed)
+}
+
+fn schema_exists_table(schema: &str, table: &str) -> Result<bool, Stop> {
+    pgtxn::run(|| schema::exists_table(schema, table)).map_err(Stop::Fatal)
 }
 
 fn sleep_or_stop(d: Duration) -> bool {
@@ -261,7 +331,10 @@ fn attempt_inner(
         fresh_slot_at = Some(block(rt, source::create_slot(&client, &object))??);
     }
 
-    let stored = load_table_states(&ctx.name)?;
+    let mut stored = load_table_states(&ctx.name)?;
+    if follow_renames(ctx, rt, &client, &tables, &stored)? {
+        stored = load_table_states(&ctx.name)?;
+    }
     // Decide, per table, what this start does with it.
     let mut copy: Vec<TableRef> = Vec::new();
     let mut schema_only: Vec<TableRef> = Vec::new();
@@ -319,7 +392,7 @@ fn attempt_inner(
                 pgtxn::run(|| {
                     schema::ensure_user_types(&user_types, &dst_schema);
                     schema::create_table(&dst_schema, &dst, shape, false, false);
-                    schema::record_table(&ctx.name, t, &dst_schema, &dst, 0, 0);
+                    schema::record_table(&ctx.name, t, &dst_schema, &dst, shape.oid, 0, 0);
                 })
                 .map_err(|e| Stop::Apply {
                     msg: format!("creating {dst_schema}.{dst}: {e}"),
@@ -364,14 +437,20 @@ fn attempt_inner(
     let stored = load_table_states(&ctx.name)?;
     let mut targets: HashMap<TableRef, TableTarget> = HashMap::new();
     for t in &tables {
-        let (ds, dt, lsn) = match stored.get(t) {
-            Some(s) => (s.dst_schema.clone(), s.dst_table.clone(), s.sync_lsn),
+        let (ds, dt, lsn, relid) = match stored.get(t) {
+            Some(s) => (
+                s.dst_schema.clone(),
+                s.dst_table.clone(),
+                s.sync_lsn,
+                s.src_relid,
+            ),
             None => (
                 dst_schema.clone(),
                 dest_names
                     .get(t)
                     .cloned()
                     .unwrap_or_else(|| t.table.clone()),
+                0,
                 0,
             ),
         };
@@ -381,6 +460,7 @@ fn attempt_inner(
                 dst_schema: ds,
                 dst_table: dt,
                 sync_lsn: lsn,
+                src_relid: relid,
             },
         );
     }
@@ -495,7 +575,7 @@ fn snapshot_tables(
             if created {
                 schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
             }
-            schema::record_table(&ctx.name, t, dst_schema, &dst, consistent, n);
+            schema::record_table(&ctx.name, t, dst_schema, &dst, shape.oid, consistent, n);
             n
         });
         match loaded {
@@ -583,6 +663,7 @@ fn stream(
         mode.captures_schema(),
     );
     applier.skip = skip.take();
+    applier.can_resync = matches!(mode, Mode::Initial | Mode::Always);
     let mut last_check = Instant::now();
     let mut paused = false;
     let mut flush = FlushTracker::default();
@@ -730,12 +811,48 @@ fn stream(
             Err(e) => {
                 let at = Some(applier.current_change());
                 let e = format!("{e} ({})", applier.context());
+                let resync = applier.resync.take();
                 applier.abort();
                 drop(client);
+                if let Some((table, target)) = resync {
+                    return resync_table(ctx, &table, &target);
+                }
                 return Err(Stop::Apply { msg: e, at });
             }
         }
     }
+}
+
+/// Forgets a table so that the next attempt copies it again (under a new
+/// snapshot, with its own sync LSN: the stream skips what the copy holds).
+fn resync_table(ctx: &WorkerContext, table: &TableRef, target: &TableTarget) -> Result<(), Stop> {
+    pgtxn::run(|| {
+        schema::run_ddl(&format!(
+            "DROP TABLE IF EXISTS {}",
+            sqlgen::qualified(&target.dst_schema, &target.dst_table)
+        ));
+        if let Err(e) = Spi::run_with_args(
+            "DELETE FROM public.synchdb_table_state WHERE name = $1 AND src_schema = $2 AND src_table = $3",
+            &[
+                ctx.name.as_str().into(),
+                table.schema.as_str().into(),
+                table.table.as_str().into(),
+            ],
+        ) {
+            pgrx::error!("{e}");
+        }
+    })
+    .map_err(|e| Stop::Apply {
+        msg: format!("preparing a fresh copy of {table}: {e}"),
+        at: None,
+    })?;
+    pgrx::log!(
+        "synchdb: connector \"{}\": a column of {table} changed type on the source; {}.{} is copied again",
+        ctx.name,
+        target.dst_schema,
+        target.dst_table
+    );
+    Err(Stop::Restart)
 }
 
 /// What handling one replication event achieved.

@@ -127,9 +127,16 @@ pub fn ensure_user_types(types: &[UserType], dst_schema: &str) {
                 *not_null,
                 checks,
             ),
-            UserType::Range { name, subtype } => {
-                sqlgen::create_range(dst_schema, name, &type_sql(subtype, dst_schema, &what))
-            }
+            UserType::Range {
+                name,
+                subtype,
+                multirange,
+            } => sqlgen::create_range(
+                dst_schema,
+                name,
+                &type_sql(subtype, dst_schema, &what),
+                multirange.as_deref(),
+            ),
         };
         run(&ddl);
         pgrx::log!("synchdb: created type {dst_schema}.{}", t.name());
@@ -192,15 +199,17 @@ pub fn record_table(
     t: &TableRef,
     dst_schema: &str,
     dst_table: &str,
+    src_relid: u32,
     sync_lsn: u64,
     rows: u64,
 ) {
     let r = Spi::run_with_args(
         "INSERT INTO public.synchdb_table_state
-              (name, src_schema, src_table, dst_schema, dst_table, state, sync_lsn, rows_copied, synced_at)
-         VALUES ($1, $2, $3, $4, $5, 'ready', $6::pg_lsn, $7, now())
+              (name, src_schema, src_table, src_relid, dst_schema, dst_table, state, sync_lsn, rows_copied, synced_at)
+         VALUES ($1, $2, $3, NULLIF($8, 0)::oid, $4, $5, 'ready', $6::pg_lsn, $7, now())
          ON CONFLICT (name, src_schema, src_table) DO UPDATE
             SET dst_schema = EXCLUDED.dst_schema, dst_table = EXCLUDED.dst_table, state = 'ready',
+                src_relid = EXCLUDED.src_relid,
                 sync_lsn = EXCLUDED.sync_lsn, rows_copied = EXCLUDED.rows_copied, synced_at = now()",
         &[
             name.into(),
@@ -210,6 +219,7 @@ pub fn record_table(
             dst_table.into(),
             crate::lsn::format_lsn(sync_lsn).as_str().into(),
             i64::try_from(rows).unwrap_or(i64::MAX).into(),
+            i64::from(src_relid).into(),
         ],
     );
     if let Err(e) = r {

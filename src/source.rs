@@ -4,6 +4,7 @@
 //! and never calls into Postgres; everything here is plain Rust.
 
 use crate::conninfo::{ConnInfo, TableRef};
+use std::collections::HashMap;
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
 
@@ -152,6 +153,8 @@ pub struct SourceColumn {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceTable {
     pub table: TableRef,
+    /// The table's OID on the source (pgoutput's relation id).
+    pub oid: u32,
     pub columns: Vec<SourceColumn>,
     pub primary_key: Vec<String>,
 }
@@ -205,6 +208,29 @@ pub async fn list_tables(
     }
 }
 
+/// The OIDs of the given source tables (missing ones are left out).
+pub async fn table_oids(
+    client: &Client,
+    tables: &[TableRef],
+) -> Result<HashMap<TableRef, u32>, SourceError> {
+    let mut out = HashMap::new();
+    for t in tables {
+        let rows = client
+            .query(
+                "SELECT c.oid FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2",
+                &[&t.schema, &t.table],
+            )
+            .await
+            .map_err(SourceError::from_pg)?;
+        if let Some(r) = rows.first() {
+            out.insert(t.clone(), r.get::<_, u32>(0));
+        }
+    }
+    Ok(out)
+}
+
 /// Reads a table's columns (names, exact types, NOT NULL) and primary key.
 pub async fn describe_table(client: &Client, t: &TableRef) -> Result<SourceTable, SourceError> {
     let cols = client
@@ -233,6 +259,7 @@ pub async fn describe_table(client: &Client, t: &TableRef) -> Result<SourceTable
         .map_err(SourceError::from_pg)?;
     Ok(SourceTable {
         table: t.clone(),
+        oid: cols.first().map(|r| r.get::<_, u32>(9)).unwrap_or(0),
         columns: cols
             .iter()
             .map(|r| {
@@ -420,6 +447,8 @@ pub enum UserType {
     Range {
         name: String,
         subtype: ColumnType,
+        /// The name of its multirange type (PostgreSQL 14 and later).
+        multirange: Option<String>,
     },
 }
 
@@ -574,7 +603,20 @@ fn visit_type<'a>(
                     b.get(3),
                     b.get(4),
                 );
-                Some(UserType::Range { name, subtype })
+                Some(UserType::Range {
+                    name,
+                    subtype,
+                    multirange: row.get(7),
+                })
+            }
+            b'm' => {
+                // A multirange exists through its range type.
+                let range: u32 = row.get(8);
+                if range != 0 {
+                    visiting.retain(|o| *o != oid);
+                    visit_type(client, range, ordered, visiting).await?;
+                }
+                None
             }
             _ => None,
         };

@@ -99,11 +99,19 @@ pub fn create_domain(
     s
 }
 
-pub fn create_range(schema: &str, name: &str, subtype: &str) -> String {
-    format!(
-        "CREATE TYPE {} AS RANGE (subtype = {subtype})",
+pub fn create_range(schema: &str, name: &str, subtype: &str, multirange: Option<&str>) -> String {
+    let mut s = format!(
+        "CREATE TYPE {} AS RANGE (subtype = {subtype}",
         qualified(schema, name)
-    )
+    );
+    if let Some(m) = multirange {
+        s.push_str(&format!(
+            ", multirange_type_name = {}",
+            qualified(schema, m)
+        ));
+    }
+    s.push(')');
+    s
 }
 
 /// A type name with `dims` array dimensions.
@@ -170,7 +178,10 @@ pub enum KeyMatch {
     Full,
 }
 
-fn where_clause(key_cols: &[&str], first_param: usize, how: KeyMatch) -> String {
+/// `by_text[i]`: compare key column `i` through its text form, for types
+/// without a default equality operator (json, xml, point, ...), whose `=`
+/// is missing or means something else (box compares areas).
+fn where_clause(key_cols: &[&str], by_text: &[bool], first_param: usize, how: KeyMatch) -> String {
     let op = match how {
         KeyMatch::Key => "=",
         KeyMatch::Full => "IS NOT DISTINCT FROM",
@@ -178,7 +189,13 @@ fn where_clause(key_cols: &[&str], first_param: usize, how: KeyMatch) -> String 
     key_cols
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{} {op} ${}", quote_ident(c), first_param + i))
+        .map(|(i, c)| {
+            if by_text.get(i).copied().unwrap_or(false) {
+                format!("{}::text {op} ${}::text", quote_ident(c), first_param + i)
+            } else {
+                format!("{} {op} ${}", quote_ident(c), first_param + i)
+            }
+        })
         .collect::<Vec<_>>()
         .join(" AND ")
 }
@@ -190,6 +207,7 @@ pub fn update(
     table: &str,
     set_cols: &[&str],
     key_cols: &[&str],
+    by_text: &[bool],
     how: KeyMatch,
 ) -> String {
     let sets: Vec<String> = set_cols
@@ -198,7 +216,7 @@ pub fn update(
         .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
         .collect();
     let target = qualified(schema, table);
-    let cond = where_clause(key_cols, set_cols.len() + 1, how);
+    let cond = where_clause(key_cols, by_text, set_cols.len() + 1, how);
     match how {
         KeyMatch::Key => format!("UPDATE {target} SET {} WHERE {cond}", sets.join(", ")),
         KeyMatch::Full => format!(
@@ -208,9 +226,15 @@ pub fn update(
     }
 }
 
-pub fn delete(schema: &str, table: &str, key_cols: &[&str], how: KeyMatch) -> String {
+pub fn delete(
+    schema: &str,
+    table: &str,
+    key_cols: &[&str],
+    by_text: &[bool],
+    how: KeyMatch,
+) -> String {
     let target = qualified(schema, table);
-    let cond = where_clause(key_cols, 1, how);
+    let cond = where_clause(key_cols, by_text, 1, how);
     match how {
         KeyMatch::Key => format!("DELETE FROM {target} WHERE {cond}"),
         KeyMatch::Full => format!(
@@ -303,15 +327,15 @@ mod tests {
             "INSERT INTO \"s\".\"t\" (\"a\", \"b\") VALUES ($1, $2)"
         );
         assert_eq!(
-            update("s", "t", &["b"], &["a"], KeyMatch::Key),
+            update("s", "t", &["b"], &["a"], &[], KeyMatch::Key),
             "UPDATE \"s\".\"t\" SET \"b\" = $1 WHERE \"a\" = $2"
         );
         assert_eq!(
-            update("s", "t", &["b", "c"], &["a", "b"], KeyMatch::Full),
+            update("s", "t", &["b", "c"], &["a", "b"], &[false, false], KeyMatch::Full),
             "UPDATE \"s\".\"t\" SET \"b\" = $1, \"c\" = $2 WHERE ctid = (SELECT ctid FROM \"s\".\"t\" WHERE \"a\" IS NOT DISTINCT FROM $3 AND \"b\" IS NOT DISTINCT FROM $4 LIMIT 1)"
         );
         assert_eq!(
-            delete("s", "t", &["a"], KeyMatch::Key),
+            delete("s", "t", &["a"], &[], KeyMatch::Key),
             "DELETE FROM \"s\".\"t\" WHERE \"a\" = $1"
         );
         assert_eq!(
@@ -346,8 +370,12 @@ mod tests {
             "CREATE DOMAIN \"s\".\"pos\" AS integer NOT NULL CHECK ((VALUE > 0))"
         );
         assert_eq!(
-            create_range("s", "fr", "double precision"),
+            create_range("s", "fr", "double precision", None),
             "CREATE TYPE \"s\".\"fr\" AS RANGE (subtype = double precision)"
+        );
+        assert_eq!(
+            create_range("s", "fr", "double precision", Some("frm")),
+            "CREATE TYPE \"s\".\"fr\" AS RANGE (subtype = double precision, multirange_type_name = \"s\".\"frm\")"
         );
         assert_eq!(with_dims("\"s\".\"t\"", 2), "\"s\".\"t\"[][]");
         assert_eq!(

@@ -154,6 +154,8 @@ pub struct Applier<'c> {
     pub skip: Option<(u64, u64)>,
     /// The source relation of the change being applied (for error context).
     current_rel: String,
+    /// The same, as a source table name.
+    current_table: Option<TableRef>,
     pub last: Position,
     pub counters: Counters,
     /// May a table be copied again when a change cannot be followed in
@@ -193,6 +195,7 @@ impl<'c> Applier<'c> {
             change_idx: 0,
             skip: None,
             current_rel: String::new(),
+            current_table: None,
             last: Position::default(),
             counters: Counters::default(),
             can_resync: false,
@@ -318,6 +321,23 @@ impl<'c> Applier<'c> {
         true
     }
 
+    /// Adds to the destination's enum types the labels the source added
+    /// since they were created (`ALTER TYPE ... ADD VALUE` is not in the
+    /// stream), for the table of the last change. Runs in its own
+    /// transaction; returns how many labels were added.
+    pub fn sync_enum_labels(&mut self) -> Result<usize, String> {
+        let Some(key) = self.current_table.clone() else {
+            return Ok(0);
+        };
+        let dst_schema = self
+            .targets
+            .get(&key)
+            .map(|t| t.dst_schema.clone())
+            .unwrap_or_else(|| self.dst_schema.clone());
+        let (_, types) = self.catalog.describe(&key)?;
+        crate::pgtxn::run(|| schema::add_enum_labels(&types, &dst_schema))
+    }
+
     pub fn current_change(&self) -> (u64, u64) {
         (self.final_lsn, self.change_idx.saturating_sub(1))
     }
@@ -346,6 +366,7 @@ impl<'c> Applier<'c> {
             table: rel.name.clone(),
         };
         self.current_rel = key.to_string();
+        self.current_table = Some(key.clone());
         // A source table renamed during this session keeps its OID.
         if let Some(old_key) = self.names_by_relid.get(&rel.id).cloned() {
             if old_key != key && !self.targets.contains_key(&key) {
@@ -556,6 +577,10 @@ impl<'c> Applier<'c> {
             pgrx::error!("change for relation id {rel_id} arrived before its Relation message");
         };
         self.current_rel = format!("{}.{}", entry.rel.namespace, entry.rel.name);
+        self.current_table = Some(TableRef {
+            schema: entry.rel.namespace.clone(),
+            table: entry.rel.name.clone(),
+        });
         match &entry.target {
             Some(t) if self.final_lsn >= t.sync_lsn => f(self, rel_id),
             _ => {}

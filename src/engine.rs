@@ -817,6 +817,13 @@ fn stream(
                 if let Some((table, target)) = resync {
                     return resync_table(ctx, &table, &target);
                 }
+                if e.contains("invalid input value for enum") {
+                    if let Ok(n) = applier.sync_enum_labels() {
+                        if n > 0 {
+                            return Err(Stop::Restart);
+                        }
+                    }
+                }
                 return Err(Stop::Apply { msg: e, at });
             }
         }

@@ -143,6 +143,58 @@ pub fn ensure_user_types(types: &[UserType], dst_schema: &str) {
     }
 }
 
+/// Adds the labels of source enums missing from their destination copies,
+/// each at its place in the sort order. Returns how many were added.
+pub fn add_enum_labels(types: &[UserType], dst_schema: &str) -> usize {
+    let mut added = 0;
+    for t in types {
+        let UserType::Enum { name, labels } = t else {
+            continue;
+        };
+        if !exists_type(dst_schema, name) {
+            continue;
+        }
+        let have: Vec<String> = Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT e.enumlabel::text FROM pg_catalog.pg_enum e
+                   JOIN pg_catalog.pg_type t ON t.oid = e.enumtypid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+                  WHERE n.nspname = $1 AND t.typname = $2",
+                None,
+                &[dst_schema.into(), name.as_str().into()],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                if let Some(l) = r.get::<String>(1)? {
+                    out.push(l);
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .unwrap_or_default();
+        for (i, label) in labels.iter().enumerate() {
+            if have.contains(label) {
+                continue;
+            }
+            let place = match i.checked_sub(1).and_then(|p| labels.get(p)) {
+                Some(prev) => format!(" AFTER {}", sqlgen::quote_literal(prev)),
+                None => match labels.get(1) {
+                    Some(next) => format!(" BEFORE {}", sqlgen::quote_literal(next)),
+                    None => String::new(),
+                },
+            };
+            run(&format!(
+                "ALTER TYPE {} ADD VALUE IF NOT EXISTS {}{place}",
+                sqlgen::qualified(dst_schema, name),
+                sqlgen::quote_literal(label)
+            ));
+            pgrx::log!("synchdb: added label {label:?} to enum {dst_schema}.{name}");
+            added += 1;
+        }
+    }
+    added
+}
+
 /// Creates a destination table from a source table's shape; with `rebuild`
 /// an existing one is dropped first. Returns whether it was created now
 /// (then it is empty and, with `defer_pk`, still without its primary key,

@@ -205,6 +205,23 @@ fn user_defined_types_snapshot_and_cdc() {
     for t in ["udt", "ckey", "akey", "ekey"] {
         same(&pair, t);
     }
+    // Labels added to an enum later reach the destination's copy of it.
+    pair.src
+        .execute("ALTER TYPE public.mood ADD VALUE 'ecstatic' AFTER 'happy'");
+    pair.src
+        .execute("ALTER TYPE public.mood ADD VALUE 'meh' BEFORE 'sad'");
+    pair.src.execute(
+        "INSERT INTO public.ekey VALUES ('ecstatic', 'new label'), ('meh', 'first label');
+         UPDATE public.udt SET ms = '{meh,ecstatic}' WHERE id = 1;",
+    );
+    same(&pair, "ekey");
+    same(&pair, "udt");
+    assert_eq!(
+        pair.dst
+            .query_one_string("SELECT enum_range(NULL::postgres.mood)::text"),
+        pair.src
+            .query_one_string("SELECT enum_range(NULL::public.mood)::text")
+    );
     assert_no_error(&pair);
 }
 

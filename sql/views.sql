@@ -15,6 +15,32 @@ SELECT c.name::text                                                   AS name,
  ORDER BY c.name;
 GRANT SELECT ON synchdb_state_view TO PUBLIC;
 
+-- Per-connector statistics (since the server started or the last
+-- synchdb_reset_stats), one row per connector of this database.
+CREATE VIEW synchdb_stats_view AS
+SELECT c.name::text                                           AS name,
+       coalesce(s.ddls, 0)                                    AS ddls,
+       coalesce(s.inserts + s.updates + s.deletes + s.truncates, 0) AS dmls,
+       coalesce(s.inserts, 0)                                 AS inserts,
+       coalesce(s.updates, 0)                                 AS updates,
+       coalesce(s.deletes, 0)                                 AS deletes,
+       coalesce(s.truncates, 0)                               AS truncates,
+       coalesce(s.transactions, 0)                            AS transactions,
+       coalesce(s.bad_changes, 0)                             AS bad_changes,
+       coalesce(s.ddls + s.inserts + s.updates + s.deletes + s.truncates, 0) AS total_changes,
+       coalesce(s.tables_copied, 0)                           AS tables_copied,
+       coalesce(s.rows_copied, 0)                             AS rows_copied,
+       to_timestamp(nullif(s.first_src_ts, 0) / 1e6)          AS first_src_ts,
+       to_timestamp(nullif(s.last_src_ts, 0) / 1e6)           AS last_src_ts,
+       to_timestamp(nullif(s.first_apply_ts, 0) / 1e6)        AS first_apply_ts,
+       to_timestamp(nullif(s.last_apply_ts, 0) / 1e6)         AS last_apply_ts,
+       coalesce(s.lag_bytes, 0)                               AS lag_bytes,
+       (nullif(s.last_apply_ts, 0) - nullif(s.last_src_ts, 0)) / 1e6 AS lag_seconds
+  FROM synchdb_conninfo c
+  LEFT JOIN synchdb_stats_rows() s ON s.name = c.name
+ ORDER BY c.name;
+GRANT SELECT ON synchdb_stats_view TO PUBLIC;
+
 -- The connector definitions without the password, readable by everyone.
 CREATE VIEW synchdb_conninfo_view AS
 SELECT name, isactive, data - 'pwd' AS data
@@ -30,3 +56,4 @@ REVOKE EXECUTE ON FUNCTION synchdb_restart_connector(text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_pause_engine(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_resume_engine(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_set_offset(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_reset_stats(text) FROM PUBLIC;

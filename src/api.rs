@@ -380,6 +380,70 @@ fn synchdb_state_rows() -> TableIterator<
     TableIterator::new(rows)
 }
 
+#[pg_extern]
+#[allow(clippy::type_complexity)]
+fn synchdb_stats_rows() -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(ddls, i64),
+        name!(inserts, i64),
+        name!(updates, i64),
+        name!(deletes, i64),
+        name!(truncates, i64),
+        name!(transactions, i64),
+        name!(bad_changes, i64),
+        name!(tables_copied, i64),
+        name!(rows_copied, i64),
+        name!(first_src_ts, i64),
+        name!(last_src_ts, i64),
+        name!(first_apply_ts, i64),
+        name!(last_apply_ts, i64),
+        name!(lag_bytes, i64),
+    ),
+> {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let rows = shmem::stats(my_database())
+        .into_iter()
+        .map(|(name, s)| {
+            let lag = if s.applied_lsn > 0 {
+                s.received_lsn.saturating_sub(s.applied_lsn)
+            } else {
+                0
+            };
+            (
+                name,
+                n(s.ddls),
+                n(s.inserts),
+                n(s.updates),
+                n(s.deletes),
+                n(s.truncates),
+                n(s.transactions),
+                n(s.bad_changes),
+                n(s.tables_copied),
+                n(s.rows_copied),
+                s.first_src_ts,
+                s.last_src_ts,
+                s.first_apply_ts,
+                s.last_apply_ts,
+                n(lag),
+            )
+        })
+        .collect::<Vec<_>>();
+    TableIterator::new(rows)
+}
+
+/// Zeroes a connector's statistics.
+#[pg_extern]
+fn synchdb_reset_stats(name: &str) -> i32 {
+    if load_conninfo(name).is_none() {
+        unknown_connector(name);
+    }
+    // A connector that never ran since the server started has nothing to reset.
+    let _ = shmem::reset_stats(my_database(), name);
+    0
+}
+
 /// Why a worker could not be started.
 pub enum StartError {
     AlreadyRunning(i32),

@@ -579,10 +579,16 @@ fn snapshot_tables(
             n
         });
         match loaded {
-            Ok(n) => pgrx::log!(
-                "synchdb: connector \"{}\" copied {n} rows of {t} into {dst_schema}.{dst}",
-                ctx.name
-            ),
+            Ok(n) => {
+                ctx.slot.stats(|s| {
+                    s.tables_copied += 1;
+                    s.rows_copied += n;
+                });
+                pgrx::log!(
+                    "synchdb: connector \"{}\" copied {n} rows of {t} into {dst_schema}.{dst}",
+                    ctx.name
+                )
+            }
             Err(e) => {
                 if crate::worker::stopping() {
                     return Err(Stop::Shutdown);
@@ -667,6 +673,7 @@ fn stream(
     let mut last_check = Instant::now();
     let mut paused = false;
     let mut flush = FlushTracker::default();
+    let mut published = apply::Counters::default();
     loop {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -790,6 +797,7 @@ fn stream(
                 local_end,
             })) => {
                 flush.committed(remote_end, local_end);
+                publish_stats(slot, &applier, &mut published, remote_end);
                 slot.set_offset(&applier.last.to_json());
                 slot.set_stage(Stage::ChangeDataCapture);
                 slot.set_state(State::Polling);
@@ -806,6 +814,13 @@ fn stream(
                 if flush.is_empty() {
                     client.update_applied_lsn(wal_end);
                 }
+                let end = wal_end.as_u64();
+                slot.stats(|s| {
+                    s.received_lsn = s.received_lsn.max(end);
+                    if s.applied_lsn > 0 {
+                        s.applied_lsn = s.applied_lsn.max(end);
+                    }
+                });
             }
             Ok(None) => {}
             Err(e) => {
@@ -853,6 +868,7 @@ fn resync_table(ctx: &WorkerContext, table: &TableRef, target: &TableTarget) -> 
         msg: format!("preparing a fresh copy of {table}: {e}"),
         at: None,
     })?;
+    ctx.slot.stats(|s| s.ddls += 1);
     pgrx::log!(
         "synchdb: connector \"{}\": a column of {table} changed type on the source; {}.{} is copied again",
         ctx.name,
@@ -860,6 +876,47 @@ fn resync_table(ctx: &WorkerContext, table: &TableRef, target: &TableTarget) -> 
         target.dst_table
     );
     Err(Stop::Restart)
+}
+
+fn now_usec() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Adds what the applier counted since the last call to the connector's
+/// statistics in shared memory.
+fn publish_stats(
+    slot: crate::shmem::WorkerSlot,
+    applier: &Applier<'_>,
+    published: &mut apply::Counters,
+    remote_end: u64,
+) {
+    let c = &applier.counters;
+    let p = published.clone();
+    let src_ts = applier.last.ts_usec;
+    let now = now_usec();
+    slot.stats(|s| {
+        s.ddls += c.ddl - p.ddl;
+        s.inserts += c.inserts - p.inserts;
+        s.updates += c.updates - p.updates;
+        s.deletes += c.deletes - p.deletes;
+        s.truncates += c.truncates - p.truncates;
+        s.transactions += c.transactions - p.transactions;
+        s.bad_changes += (c.skipped + c.missing_rows) - (p.skipped + p.missing_rows);
+        if s.first_src_ts == 0 {
+            s.first_src_ts = src_ts;
+        }
+        s.last_src_ts = src_ts;
+        if s.first_apply_ts == 0 {
+            s.first_apply_ts = now;
+        }
+        s.last_apply_ts = now;
+        s.applied_lsn = s.applied_lsn.max(remote_end);
+        s.received_lsn = s.received_lsn.max(remote_end);
+    });
+    *published = c.clone();
 }
 
 /// What handling one replication event achieved.

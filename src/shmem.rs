@@ -2,6 +2,9 @@
 //! `synchdb.max_connectors`), guarded by one LWLock. Workers write their pid,
 //! stage, state, last error and last position here; `synchdb_state_view`
 //! copies the slots under a shared lock, as `pg_stat_subscription` does.
+//! Each slot also holds the connector's statistics (`synchdb_stats_view`),
+//! kept across worker restarts until `synchdb_reset_stats` or a server
+//! restart.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -94,6 +97,32 @@ pub enum Request {
     SetOffset = 3,
 }
 
+/// Statistics of one connector (`synchdb_stats_view`). Timestamps are
+/// microseconds since the Unix epoch, 0 when not set.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub ddls: u64,
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub truncates: u64,
+    pub transactions: u64,
+    /// Changes skipped by the skip strategy, and updates or deletes that
+    /// found no row.
+    pub bad_changes: u64,
+    pub tables_copied: u64,
+    pub rows_copied: u64,
+    pub first_src_ts: i64,
+    pub last_src_ts: i64,
+    pub first_apply_ts: i64,
+    pub last_apply_ts: i64,
+    /// The source's WAL end as last reported by the stream.
+    pub received_lsn: u64,
+    /// The end of the last applied source transaction.
+    pub applied_lsn: u64,
+}
+
 #[repr(C)]
 struct Slot {
     in_use: bool,
@@ -109,6 +138,7 @@ struct Slot {
     latch: *mut pg_sys::Latch,
     err: [u8; ERR_LEN],
     offset: [u8; OFFSET_LEN],
+    stats: Stats,
 }
 
 #[repr(C)]
@@ -261,6 +291,32 @@ pub fn get(dboid: pg_sys::Oid, name: &str) -> Option<SlotView> {
     .flatten()
 }
 
+/// The statistics of every connector of one database, by name.
+pub fn stats(dboid: pg_sys::Oid) -> Vec<(String, Stats)> {
+    with_slots(false, |slots| {
+        slots
+            .iter()
+            .filter(|s| s.in_use && s.dboid == dboid)
+            .map(|s| (get_str(&s.name), s.stats))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Zeroes a connector's statistics; false when it has no slot yet.
+pub fn reset_stats(dboid: pg_sys::Oid, name: &str) -> bool {
+    with_slots(true, |slots| {
+        match slots.iter_mut().find(|s| matches(s, dboid, name)) {
+            Some(s) => {
+                s.stats = Stats::default();
+                true
+            }
+            None => false,
+        }
+    })
+    .unwrap_or(false)
+}
+
 /// Whether shared memory is attached (the library was preloaded).
 pub fn available() -> bool {
     attached()
@@ -303,6 +359,7 @@ pub fn claim_for_start(dboid: pg_sys::Oid, name: &str) -> Claim {
                 s.latch = ptr::null_mut();
                 put_str(&mut s.err, "no error");
                 put_str(&mut s.offset, "offset file not flushed yet");
+                s.stats = Stats::default();
                 Claim::Claimed(i)
             }
             None => Claim::NoFreeSlot,
@@ -397,6 +454,11 @@ impl WorkerSlot {
 
     pub fn set_offset(self, offset: &str) {
         self.update(|s| put_str(&mut s.offset, offset));
+    }
+
+    /// Updates the statistics in place.
+    pub fn stats(self, f: impl FnOnce(&mut Stats)) {
+        self.update(|s| f(&mut s.stats));
     }
 
     /// Takes the pending request (pause / resume) and offset, if any.

@@ -455,3 +455,78 @@ fn delete_drops_slot_and_publication() {
         0
     );
 }
+
+fn stats(pair: &Pair, name: &str) -> Vec<Option<String>> {
+    pair.dst
+        .query_strings(&format!(
+            "SELECT ddls, dmls, inserts, updates, deletes, truncates, transactions, bad_changes,
+                    total_changes, tables_copied, rows_copied
+               FROM synchdb_stats_view WHERE name = '{name}'"
+        ))
+        .into_iter()
+        .next()
+        .expect("a stats row")
+}
+
+fn nums(v: &[&str]) -> Vec<Option<String>> {
+    v.iter().map(|s| Some(s.to_string())).collect()
+}
+
+#[test]
+fn statistics_count_changes_and_reset() {
+    let pair = Pair::new();
+    pair.add_connector("st");
+    // A connector that never ran shows zeros.
+    assert_eq!(
+        stats(&pair, "st"),
+        nums(&["0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0"])
+    );
+    pair.start("st", "initial");
+    wait_ready_tables(&pair, "st", 2);
+    pair.src
+        .execute("INSERT INTO public.orders (id, customer) VALUES (1001, 'a'), (1002, 'b')");
+    pair.src
+        .execute("UPDATE public.orders SET amount = 1 WHERE id IN (1, 2, 3)");
+    pair.src.execute("DELETE FROM public.orders WHERE id = 4");
+    pair.src.execute("TRUNCATE public.customers");
+    pair.src
+        .execute("ALTER TABLE public.orders ADD COLUMN note text");
+    pair.src
+        .execute("INSERT INTO public.orders (id, customer, note) VALUES (1003, 'c', 'n')");
+    pair.wait_caught_up("st");
+    // ddls, dmls, inserts, updates, deletes, truncates, transactions,
+    // bad_changes, total_changes, tables_copied, rows_copied.
+    let want = nums(&["1", "8", "3", "3", "1", "1", "5", "0", "9", "2", "110"]);
+    let start = std::time::Instant::now();
+    let mut last = stats(&pair, "st");
+    while last != want && start.elapsed() < LONG {
+        std::thread::sleep(Duration::from_millis(100));
+        last = stats(&pair, "st");
+    }
+    assert_eq!(last, want);
+    let times = pair.dst.query_strings(
+        "SELECT first_src_ts <= last_src_ts, first_apply_ts <= last_apply_ts,
+                last_apply_ts >= last_src_ts - interval '1 minute', lag_seconds IS NOT NULL
+           FROM synchdb_stats_view WHERE name = 'st'",
+    );
+    assert_eq!(times[0], nums(&["t", "t", "t", "t"]));
+    wait_until(LONG, "no lag once idle", || {
+        pair.dst
+            .count("SELECT lag_bytes FROM synchdb_stats_view WHERE name = 'st'")
+            == 0
+    });
+    pair.dst.execute("SELECT synchdb_reset_stats('st')");
+    assert_eq!(
+        stats(&pair, "st"),
+        nums(&["0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0"])
+    );
+    pair.src
+        .execute("INSERT INTO public.orders (id, customer) VALUES (1004, 'd')");
+    wait_until(LONG, "counting after a reset", || {
+        stats(&pair, "st")[2].as_deref() == Some("1")
+    });
+    assert_eq!(
+        sqlstate(pair.dst.try_execute("SELECT synchdb_reset_stats('nope')")),
+        "42704"
+    );
+}

@@ -7,6 +7,9 @@
 #     transactions on the source; time from restart until each replica has
 #     applied all of them. Prints both times and the ratio synchdb/native.
 # Release build; each measurement runs alone (the other replica is idle).
+# Before (b) both replicas' tables and indexes are loaded into the
+# destination's shared buffers (pg_prewarm), so that neither side pays for
+# first-touching shared memory or reading from disk that the other does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${1:-10}
@@ -54,6 +57,7 @@ port = $DST_PORT
 listen_addresses = '127.0.0.1'
 unix_socket_directories = '$WORK'
 shared_preload_libraries = 'synchdb'
+shared_buffers = 1GB
 max_wal_size = 4GB
 max_worker_processes = 16
 CONF
@@ -90,6 +94,10 @@ nat -c "ALTER SUBSCRIPTION bench_native DISABLE"
 wait_sql src "SELECT count(*) FROM pg_replication_slots WHERE active" 0 60
 as_pg "$BIN/pgbench" -h "$WORK" -p "$SRC_PORT" -U postgres -c 4 -j 2 -t $((BACKLOG / 4)) -n postgres >/dev/null
 HIST=$(src -Atc "SELECT count(*) FROM pgbench_history")
+PREWARM="SELECT sum(pg_prewarm(c.oid)) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = current_setting('bench.schema') AND c.relname LIKE 'pgbench%' AND c.relkind IN ('r','i')"
+dst -c "CREATE EXTENSION pg_prewarm" -c "SET bench.schema = 'postgres'" -c "$PREWARM" >/dev/null
+nat -c "CREATE EXTENSION pg_prewarm" -c "SET bench.schema = 'public'" -c "$PREWARM" >/dev/null
 SUM=$(src -Atc "SELECT sum(abalance) FROM pgbench_accounts")
 
 T=$(now)

@@ -175,10 +175,13 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
     slot.set_state(State::Initializing);
     slot.set_err("no error");
     // Destination triggers and foreign keys behave as for native replication;
-    // every name the worker uses is schema-qualified.
+    // every name the worker uses is schema-qualified. Rows are found through
+    // the key's index whenever there is one (as native apply does): a plan
+    // made when a small table looked cheaper to scan would stay a scan as
+    // the table fills with dead row versions.
     let settings = crate::pgtxn::run(|| {
         Spi::run(
-            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan",
+            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off",
         )
     });
     if !matches!(settings, Ok(Ok(()))) {

@@ -7,6 +7,7 @@
 
 use crate::conninfo::TableRef;
 use crate::decode::{Message, OldKind, Relation, TupleValue};
+use crate::direct;
 use crate::schema::{self, ColumnChange};
 use crate::source::{SourceTable, UserType};
 use crate::sqlgen::{self, KeyMatch};
@@ -84,6 +85,7 @@ pub struct TableTarget {
 }
 
 struct DestColumn {
+    attnum: i16,
     type_oid: pg_sys::Oid,
     /// Whether the type has a default equality operator (else rows are
     /// matched on the column's text form).
@@ -99,6 +101,8 @@ struct RelEntry {
     /// Per source column: its destination column (None: not there).
     dest: Vec<Option<DestColumn>>,
     plans: HashMap<(u8, Vec<bool>), pg_sys::SPIPlanPtr>,
+    /// Set when rows can be changed directly through the key's index.
+    direct: Option<direct::Target>,
 }
 
 /// What the last applied change was, for `last_dbz_offset`.
@@ -425,6 +429,7 @@ impl<'c> Applier<'c> {
             self.follow_schema(&rel, &key, &target);
         }
         let dest = dest_columns(&rel, &target);
+        let direct = direct_target(&rel, &target, &dest);
         self.rels.insert(
             rel.id,
             RelEntry {
@@ -432,6 +437,7 @@ impl<'c> Applier<'c> {
                 target: Some(target),
                 dest,
                 plans: HashMap::new(),
+                direct,
             },
         );
     }
@@ -621,6 +627,11 @@ impl<'c> Applier<'c> {
 
     fn insert(&mut self, rel_id: u32, new: &[TupleValue]) {
         let entry = &self.rels[&rel_id];
+        if let Some(t) = entry.direct {
+            let vals = self.attr_values(entry, (0..new.len()).map(|i| (i, &new[i])));
+            self.in_change_cxt(|| direct::insert(&t, &vals));
+            return;
+        }
         let cols: Vec<usize> = (0..entry.rel.columns.len())
             .filter(|i| !matches!(new.get(*i), Some(TupleValue::Unchanged) | None))
             .collect();
@@ -658,6 +669,24 @@ impl<'c> Applier<'c> {
     ) {
         let entry = &self.rels[&rel_id];
         let ncols = entry.rel.columns.len();
+        if let (Some(t), None | Some((OldKind::Key, _))) =
+            (entry.direct.filter(|t| t.has_key()), old)
+        {
+            let key_src: &[TupleValue] = match old {
+                Some((_, vals)) => vals,
+                None => new,
+            };
+            let keys = Self::key_columns(entry);
+            let key = self.attr_values(
+                entry,
+                keys.iter().filter_map(|i| key_src.get(*i).map(|v| (*i, v))),
+            );
+            let vals = self.attr_values(entry, (0..new.len()).map(|i| (i, &new[i])));
+            if !self.in_change_cxt(|| direct::update(&t, &key, &vals)) {
+                self.missing_row("UPDATE", rel_id);
+            }
+            return;
+        }
         let set_cols: Vec<usize> = (0..ncols)
             .filter(|i| !matches!(new.get(*i), Some(TupleValue::Unchanged) | None))
             .collect();
@@ -721,6 +750,17 @@ impl<'c> Applier<'c> {
 
     fn delete(&mut self, rel_id: u32, old: &(OldKind, Vec<TupleValue>)) {
         let entry = &self.rels[&rel_id];
+        if let (Some(t), OldKind::Key) = (entry.direct.filter(|t| t.has_key()), old.0) {
+            let keys = Self::key_columns(entry);
+            let key = self.attr_values(
+                entry,
+                keys.iter().filter_map(|i| old.1.get(*i).map(|v| (*i, v))),
+            );
+            if !self.in_change_cxt(|| direct::delete(&t, &key)) {
+                self.missing_row("DELETE", rel_id);
+            }
+            return;
+        }
         let ncols = entry.rel.columns.len();
         let (how, key_cols) = match old.0 {
             OldKind::Full => (
@@ -803,6 +843,63 @@ impl<'c> Applier<'c> {
         }
     }
 
+    /// Runs `f` in the per-change memory context (reset after each change).
+    fn in_change_cxt<R>(&self, f: impl FnOnce() -> R) -> R {
+        let old = unsafe { pg_sys::MemoryContextSwitchTo(self.change_cxt.value()) };
+        let r = f();
+        unsafe { pg_sys::MemoryContextSwitchTo(old) };
+        r
+    }
+
+    /// Converts one value with its destination type's input function (in the
+    /// per-change memory context); `None` for an unchanged TOAST value.
+    fn datum(&self, col: &DestColumn, v: &TupleValue) -> Option<(pg_sys::Datum, bool)> {
+        match v {
+            TupleValue::Null => Some((pg_sys::Datum::from(0), true)),
+            TupleValue::Unchanged => None,
+            TupleValue::Text(bytes) => {
+                let mut buf = Vec::with_capacity(bytes.len() + 1);
+                buf.extend_from_slice(bytes);
+                buf.push(0);
+                let d = self.in_change_cxt(|| unsafe {
+                    pg_sys::OidInputFunctionCall(
+                        col.input_fn,
+                        buf.as_mut_ptr() as *mut c_char,
+                        col.ioparam,
+                        col.typmod,
+                    )
+                });
+                Some((d, false))
+            }
+            TupleValue::Binary(_) => {
+                pgrx::error!("binary pgoutput values are not requested and not supported")
+            }
+        }
+    }
+
+    /// The destination attribute values of the given source columns
+    /// (unchanged TOAST values left out).
+    fn attr_values<'v>(
+        &self,
+        entry: &RelEntry,
+        vals: impl Iterator<Item = (usize, &'v TupleValue)>,
+    ) -> Vec<direct::AttrValue> {
+        let mut out = Vec::new();
+        for (i, v) in vals {
+            let Some(Some(col)) = entry.dest.get(i) else {
+                continue;
+            };
+            if let Some((datum, is_null)) = self.datum(col, v) {
+                out.push(direct::AttrValue {
+                    att: usize::try_from(col.attnum - 1).unwrap_or(usize::MAX),
+                    datum,
+                    is_null,
+                });
+            }
+        }
+        out
+    }
+
     /// Converts the values with the destination types' input functions and
     /// runs the plan; returns the number of rows processed.
     fn execute(
@@ -869,6 +966,34 @@ impl<'c> Applier<'c> {
     }
 }
 
+/// Direct changes are used when every source column has a destination
+/// column: inserts always, updates and deletes when the source sends
+/// key-only old rows (primary key or replica identity index) and the
+/// destination has a unique index on exactly the key columns.
+fn direct_target(
+    rel: &Relation,
+    t: &TableTarget,
+    dest: &[Option<DestColumn>],
+) -> Option<direct::Target> {
+    if dest.iter().any(|d| d.is_none()) {
+        return None;
+    }
+    // With REPLICA IDENTITY FULL every column is flagged as key: rows are
+    // matched on all of them through SPI, only inserts go direct.
+    let keys: Vec<i16> = if rel.replica_identity == b'f' {
+        Vec::new()
+    } else {
+        rel.columns
+            .iter()
+            .zip(dest)
+            .filter(|(c, _)| c.is_key)
+            .filter_map(|(_, d)| d.as_ref().map(|d| d.attnum))
+            .collect()
+    };
+    let relid = schema::relid(&t.dst_schema, &t.dst_table)?;
+    direct::prepare(relid, &keys)
+}
+
 fn target_of(e: &RelEntry) -> TableTarget {
     e.target.clone().unwrap_or(TableTarget {
         dst_schema: String::new(),
@@ -914,6 +1039,7 @@ fn dest_columns(rel: &Relation, t: &TableTarget) -> Vec<Option<DestColumn>> {
                         !tc.is_null() && (*tc).eq_opr != pg_sys::InvalidOid
                     };
                     DestColumn {
+                        attnum: d.attnum,
                         type_oid: d.type_oid,
                         has_eq,
                         typmod: d.typmod,

@@ -9,6 +9,7 @@ pub mod api;
 pub mod apply;
 pub mod conninfo;
 pub mod decode;
+pub mod direct;
 pub mod engine;
 pub mod gucs;
 pub mod lsn;

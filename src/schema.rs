@@ -283,9 +283,21 @@ pub fn record_table(
 #[derive(Debug, Clone)]
 pub struct DestCol {
     pub name: String,
+    pub attnum: i16,
     pub type_oid: pg_sys::Oid,
     pub typmod: i32,
     pub generated: bool,
+}
+
+/// The OID of a destination table, if it exists.
+pub fn relid(schema: &str, table: &str) -> Option<pg_sys::Oid> {
+    Spi::get_one_with_args::<pg_sys::Oid>(
+        "SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relname = $2",
+        &[schema.into(), table.into()],
+    )
+    .ok()
+    .flatten()
 }
 
 /// The destination table's columns in attnum order.
@@ -293,7 +305,7 @@ pub fn dest_columns(schema: &str, table: &str) -> Vec<DestCol> {
     let qualified = sqlgen::qualified(schema, table);
     let r: Result<Vec<DestCol>, pgrx::spi::Error> = Spi::connect(|client| {
         let rows = client.select(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attgenerated <> ''
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attgenerated <> '', a.attnum
                FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
               ORDER BY a.attnum",
@@ -302,14 +314,16 @@ pub fn dest_columns(schema: &str, table: &str) -> Vec<DestCol> {
         )?;
         let mut out = Vec::new();
         for row in rows {
-            if let (Some(n), Some(t), Some(m), Some(g)) = (
+            if let (Some(n), Some(t), Some(m), Some(g), Some(a)) = (
                 row.get::<String>(1)?,
                 row.get::<pg_sys::Oid>(2)?,
                 row.get::<i32>(3)?,
                 row.get::<bool>(4)?,
+                row.get::<i16>(5)?,
             ) {
                 out.push(DestCol {
                     name: n,
+                    attnum: a,
                     type_oid: t,
                     typmod: m,
                     generated: g,

@@ -530,3 +530,86 @@ fn statistics_count_changes_and_reset() {
         "42704"
     );
 }
+
+/// A destination-only row makes the source's next insert of the same key
+/// fail to apply.
+fn conflict(pair: &Pair, id: i32) {
+    pair.dst.execute(&format!(
+        "INSERT INTO postgres.orders (id, customer) VALUES ({id}, 'destination only')"
+    ));
+    pair.src.execute(&format!(
+        "INSERT INTO public.orders (id, customer) VALUES ({id}, 'from source')"
+    ));
+}
+
+#[test]
+fn error_strategies_exit_skip_retry() {
+    let pair = Pair::new();
+    pair.add_connector("es");
+    pair.start("es", "initial");
+    wait_ready_tables(&pair, "es", 2);
+
+    // exit (default): the worker stops and keeps the error, with context.
+    conflict(&pair, 5000);
+    let st = wait_for_value(LONG, "the worker to stop on the error", || {
+        pair.state("es")
+            .filter(|s| s.pid == -1 && s.err != "no error")
+    });
+    assert!(st.err.contains("duplicate key"), "{}", st.err);
+    assert!(st.err.contains("public.orders"), "{}", st.err);
+    assert!(st.err.contains("commit LSN"), "{}", st.err);
+    assert!(!st.err.contains("mypass"));
+
+    // skip: the failing change is dropped, counted, logged; the rest of the
+    // stream (and of its transaction) applies.
+    pair.dst
+        .execute("ALTER SYSTEM SET synchdb.error_handling_strategy = 'skip'");
+    pair.dst.execute("SELECT pg_reload_conf()");
+    pair.src
+        .execute("INSERT INTO public.orders (id, customer) VALUES (5001, 'after the conflict')");
+    pair.start("es", "initial");
+    wait_until(LONG, "the row after the skipped change", || {
+        pair.dst
+            .count("SELECT count(*) FROM postgres.orders WHERE id = 5001")
+            == 1
+    });
+    assert_eq!(
+        pair.dst
+            .query_one_string("SELECT customer FROM postgres.orders WHERE id = 5000")
+            .as_deref(),
+        Some("destination only")
+    );
+    wait_until(LONG, "the skipped change counted", || {
+        pair.dst
+            .count("SELECT bad_changes FROM synchdb_stats_view WHERE name = 'es'")
+            == 1
+    });
+    assert!(pair.dst.log_contents().contains("skipped INSERT"));
+
+    // retry: the change is tried again until the conflict is removed.
+    pair.dst
+        .execute("ALTER SYSTEM SET synchdb.error_handling_strategy = 'retry'");
+    pair.dst
+        .execute("ALTER SYSTEM SET synchdb.max_retry_interval = '1s'");
+    pair.dst.execute("SELECT pg_reload_conf()");
+    conflict(&pair, 5002);
+    wait_until(LONG, "the error to show while retrying", || {
+        pair.state("es")
+            .is_some_and(|s| s.err.contains("duplicate key") && s.pid > 0)
+    });
+    pair.dst
+        .execute("DELETE FROM postgres.orders WHERE id = 5002");
+    pair.src
+        .execute("UPDATE public.orders SET customer = 'resolved' WHERE id = 5002");
+    wait_until(LONG, "the retried change applied", || {
+        pair.dst
+            .count("SELECT count(*) FROM postgres.orders WHERE id = 5002 AND customer = 'resolved'")
+            == 1
+    });
+    pair.wait_caught_up("es");
+    pair.assert_tables_equal(
+        "(SELECT * FROM public.orders WHERE id NOT IN (5000))",
+        "(SELECT * FROM postgres.orders WHERE id NOT IN (5000))",
+        "id",
+    );
+}

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Benchmark: synchdb against PostgreSQL's native logical replication
 # (CREATE SUBSCRIPTION) on the same two clusters and the same pgbench data.
-#   ./scripts/bench.sh [SCALE] [BACKLOG_TRANSACTIONS]
+#   ./scripts/bench.sh [SCALE] [BACKLOG_TRANSACTIONS] [ROUNDS]
 # (a) snapshot: time from start until every pgbench table is copied;
 # (b) catch-up: with both replicas stopped, pgbench runs BACKLOG TPC-B
 #     transactions on the source; time from restart until each replica has
-#     applied all of them. Prints both times and the ratio synchdb/native.
+#     applied all of them; ROUNDS rounds (default 3), the order of the two
+#     replicas alternating, the median reported. Prints both times and the
+#     ratio synchdb/native.
 # Release build; each measurement runs alone (the other replica is idle).
 # Before (b) both replicas' tables and indexes are loaded into the
 # destination's shared buffers (pg_prewarm), so that neither side pays for
@@ -14,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${1:-10}
 BACKLOG=${2:-20000}
+ROUNDS=${3:-3}
 ./scripts/setup.sh >/dev/null
 
 BIN=/usr/lib/postgresql/15/bin
@@ -88,32 +91,49 @@ wait_sql nat "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'" 
 SNAP_NATIVE=$(elapsed "$T")
 echo "   native:  ${SNAP_NATIVE}s"
 
-echo "== (b) catch-up of $BACKLOG pgbench transactions"
+echo "== (b) catch-up of $BACKLOG pgbench transactions, $ROUNDS rounds (median)"
 dst -c "SELECT synchdb_stop_engine_bgw('bench')" >/dev/null
 nat -c "ALTER SUBSCRIPTION bench_native DISABLE"
-wait_sql src "SELECT count(*) FROM pg_replication_slots WHERE active" 0 60
-as_pg "$BIN/pgbench" -h "$WORK" -p "$SRC_PORT" -U postgres -c 4 -j 2 -t $((BACKLOG / 4)) -n postgres >/dev/null
-HIST=$(src -Atc "SELECT count(*) FROM pgbench_history")
+dst -c "CREATE EXTENSION pg_prewarm" >/dev/null
+nat -c "CREATE EXTENSION pg_prewarm" >/dev/null
 PREWARM="SELECT sum(pg_prewarm(c.oid)) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
           WHERE n.nspname = current_setting('bench.schema') AND c.relname LIKE 'pgbench%' AND c.relkind IN ('r','i')"
-dst -c "CREATE EXTENSION pg_prewarm" -c "SET bench.schema = 'postgres'" -c "$PREWARM" >/dev/null
-nat -c "CREATE EXTENSION pg_prewarm" -c "SET bench.schema = 'public'" -c "$PREWARM" >/dev/null
-SUM=$(src -Atc "SELECT sum(abalance) FROM pgbench_accounts")
-
-T=$(now)
-dst -c "SELECT synchdb_start_engine_bgw('bench')" >/dev/null
-wait_sql dst "SELECT count(*) FROM postgres.pgbench_history" "$HIST" 3600
-CATCH_SYNCHDB=$(elapsed "$T")
-echo "   synchdb: ${CATCH_SYNCHDB}s"
-[ "$(dst -Atc "SELECT sum(abalance) FROM postgres.pgbench_accounts")" = "$SUM" ] || { echo "synchdb balance mismatch"; exit 1; }
-dst -c "SELECT synchdb_stop_engine_bgw('bench')" >/dev/null
-
-T=$(now)
-nat -c "ALTER SUBSCRIPTION bench_native ENABLE"
-wait_sql nat "SELECT count(*) FROM pgbench_history" "$HIST" 3600
-CATCH_NATIVE=$(elapsed "$T")
-echo "   native:  ${CATCH_NATIVE}s"
-[ "$(nat -Atc "SELECT sum(abalance) FROM pgbench_accounts")" = "$SUM" ] || { echo "native balance mismatch"; exit 1; }
+catch_synchdb() {
+    local t; t=$(now)
+    dst -c "SELECT synchdb_start_engine_bgw('bench')" >/dev/null
+    wait_sql dst "SELECT count(*) FROM postgres.pgbench_history" "$HIST" 3600
+    elapsed "$t"
+    [ "$(dst -Atc "SELECT sum(abalance) FROM postgres.pgbench_accounts")" = "$SUM" ] || { echo "synchdb balance mismatch" >&2; exit 1; }
+    dst -c "SELECT synchdb_stop_engine_bgw('bench')" >/dev/null
+}
+catch_native() {
+    local t; t=$(now)
+    nat -c "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
+    wait_sql nat "SELECT count(*) FROM pgbench_history" "$HIST" 3600
+    elapsed "$t"
+    [ "$(nat -Atc "SELECT sum(abalance) FROM pgbench_accounts")" = "$SUM" ] || { echo "native balance mismatch" >&2; exit 1; }
+    nat -c "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
+}
+S_TIMES=(); N_TIMES=()
+for round in $(seq 1 "$ROUNDS"); do
+    wait_sql src "SELECT count(*) FROM pg_replication_slots WHERE active" 0 60
+    as_pg "$BIN/pgbench" -h "$WORK" -p "$SRC_PORT" -U postgres -c 4 -j 2 -t $((BACKLOG / 4)) -n postgres >/dev/null
+    HIST=$(src -Atc "SELECT count(*) FROM pgbench_history")
+    SUM=$(src -Atc "SELECT sum(abalance) FROM pgbench_accounts")
+    dst -c "SET bench.schema = 'postgres'" -c "$PREWARM" >/dev/null
+    nat -c "SET bench.schema = 'public'" -c "$PREWARM" >/dev/null
+    # Alternate which replica goes first.
+    if [ $((round % 2)) -eq 1 ]; then
+        S=$(catch_synchdb); N=$(catch_native)
+    else
+        N=$(catch_native); S=$(catch_synchdb)
+    fi
+    printf "   round %d: synchdb %.2fs, native %.2fs\n" "$round" "$S" "$N"
+    S_TIMES+=("$S"); N_TIMES+=("$N")
+done
+median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+CATCH_SYNCHDB=$(median "${S_TIMES[@]}")
+CATCH_NATIVE=$(median "${N_TIMES[@]}")
 
 echo
 printf "%-10s %12s %12s %8s\n" "" "synchdb(s)" "native(s)" "ratio"

@@ -221,6 +221,11 @@ pub fn drop_local_origin(name: &str) {
 
 static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+thread_local! {
+    static LAST_PM_CHECK: std::cell::Cell<Option<std::time::Instant>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// Whether the worker was asked to stop (SIGTERM) or the postmaster died.
 /// Sticky: pgrx's own check resets its flag when read.
 pub fn stopping() -> bool {
@@ -228,14 +233,28 @@ pub fn stopping() -> bool {
     if BackgroundWorker::sigterm_received() {
         STOPPING.store(true, Ordering::SeqCst);
     }
-    // A zero-timeout wait that exits the process if the postmaster died.
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            0,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
+    // A zero-timeout wait that exits the process if the postmaster died;
+    // it costs a system call, so at most every 50 ms (this is asked for
+    // every replication message).
+    let due = LAST_PM_CHECK.with(|c| {
+        let now = std::time::Instant::now();
+        let due = c
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_millis(50));
+        if due {
+            c.set(Some(now));
+        }
+        due
+    });
+    if due {
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                0,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+        }
     }
     STOPPING.load(Ordering::SeqCst)
 }

@@ -156,10 +156,9 @@ pub struct Applier<'c> {
     change_idx: u64,
     /// A change to skip, (final_lsn, index in its transaction), set by the skip strategy.
     pub skip: Option<(u64, u64)>,
-    /// The source relation of the change being applied (for error context).
-    current_rel: String,
-    /// The same, as a source table name.
-    current_table: Option<TableRef>,
+    /// The source relation (OID) of the change being applied, for error
+    /// context; its name is in `names_by_relid`.
+    current_rel_id: Option<u32>,
     pub last: Position,
     pub counters: Counters,
     /// May a table be copied again when a change cannot be followed in
@@ -198,8 +197,7 @@ impl<'c> Applier<'c> {
             commit_ts: 0,
             change_idx: 0,
             skip: None,
-            current_rel: String::new(),
-            current_table: None,
+            current_rel_id: None,
             last: Position::default(),
             counters: Counters::default(),
             can_resync: false,
@@ -330,7 +328,7 @@ impl<'c> Applier<'c> {
     /// stream), for the table of the last change. Runs in its own
     /// transaction; returns how many labels were added.
     pub fn sync_enum_labels(&mut self) -> Result<usize, String> {
-        let Some(key) = self.current_table.clone() else {
+        let Some(key) = self.current_table() else {
             return Ok(0);
         };
         let dst_schema = self
@@ -353,10 +351,16 @@ impl<'c> Applier<'c> {
             self.xid,
             crate::lsn::format_lsn(self.final_lsn)
         );
-        if !self.current_rel.is_empty() {
-            s = format!("table {}, {s}", self.current_rel);
+        if let Some(t) = self.current_table() {
+            s = format!("table {t}, {s}");
         }
         s
+    }
+
+    fn current_table(&self) -> Option<TableRef> {
+        self.current_rel_id
+            .and_then(|id| self.names_by_relid.get(&id))
+            .cloned()
     }
 
     fn relation(&mut self, rel: Relation) {
@@ -369,8 +373,7 @@ impl<'c> Applier<'c> {
             schema: rel.namespace.clone(),
             table: rel.name.clone(),
         };
-        self.current_rel = key.to_string();
-        self.current_table = Some(key.clone());
+        self.current_rel_id = Some(rel.id);
         // A source table renamed during this session keeps its OID.
         if let Some(old_key) = self.names_by_relid.get(&rel.id).cloned() {
             if old_key != key && !self.targets.contains_key(&key) {
@@ -582,11 +585,7 @@ impl<'c> Applier<'c> {
         let Some(entry) = self.rels.get(&rel_id) else {
             pgrx::error!("change for relation id {rel_id} arrived before its Relation message");
         };
-        self.current_rel = format!("{}.{}", entry.rel.namespace, entry.rel.name);
-        self.current_table = Some(TableRef {
-            schema: entry.rel.namespace.clone(),
-            table: entry.rel.name.clone(),
-        });
+        self.current_rel_id = Some(rel_id);
         match &entry.target {
             Some(t) if self.final_lsn >= t.sync_lsn => f(self, rel_id),
             _ => {}

@@ -671,6 +671,7 @@ fn stream(
     applier.skip = skip.take();
     applier.can_resync = matches!(mode, Mode::Initial | Mode::Always);
     let mut last_check = Instant::now();
+    let mut last_request_check = Instant::now();
     let mut paused = false;
     let mut flush = FlushTracker::default();
     let mut published = apply::Counters::default();
@@ -682,7 +683,8 @@ fn stream(
             applier.abort();
             return Ok(());
         }
-        if !applier.in_transaction() {
+        if !applier.in_transaction() && last_request_check.elapsed() >= Duration::from_millis(20) {
+            last_request_check = Instant::now();
             let (req, offset) = slot.take_request();
             match req {
                 Request::Pause => {
@@ -727,9 +729,15 @@ fn stream(
                 return Ok(());
             }
         }
-        let ev = rt.block_on(async {
-            tokio::time::timeout(Duration::from_millis(200), client.recv()).await
-        });
+        // Events the replication task already buffered are taken without
+        // entering the runtime; only an empty buffer waits (and lets the
+        // task read the socket and send feedback).
+        let ev = match futures_util::FutureExt::now_or_never(client.recv()) {
+            Some(r) => Ok(r),
+            None => rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(200), client.recv()).await
+            }),
+        };
         let ev = match ev {
             Err(_) => {
                 if let Some(lsn) = flush.durable(local_flush_lsn()) {
@@ -798,9 +806,6 @@ fn stream(
             })) => {
                 flush.committed(remote_end, local_end);
                 publish_stats(slot, &applier, &mut published, remote_end);
-                slot.set_offset(&applier.last.to_json());
-                slot.set_stage(Stage::ChangeDataCapture);
-                slot.set_state(State::Polling);
                 if let Some(lsn) = flush.durable(local_flush_lsn()) {
                     client.update_applied_lsn(Lsn::from_u64(lsn));
                 }
@@ -885,8 +890,8 @@ fn now_usec() -> i64 {
         .unwrap_or(0)
 }
 
-/// Adds what the applier counted since the last call to the connector's
-/// statistics in shared memory.
+/// Publishes a commit: the position, stage and state, and what the applier
+/// counted since the last call, in the connector's shared-memory slot.
 fn publish_stats(
     slot: crate::shmem::WorkerSlot,
     applier: &Applier<'_>,
@@ -897,7 +902,7 @@ fn publish_stats(
     let p = published.clone();
     let src_ts = applier.last.ts_usec;
     let now = now_usec();
-    slot.stats(|s| {
+    slot.committed(&applier.last.to_json(), |s| {
         s.ddls += c.ddl - p.ddl;
         s.inserts += c.inserts - p.inserts;
         s.updates += c.updates - p.updates;

@@ -456,6 +456,17 @@ impl WorkerSlot {
         self.update(|s| put_str(&mut s.offset, offset));
     }
 
+    /// After a commit: the new position, stage `change data capture`, state
+    /// `polling` and the statistics, under one lock.
+    pub fn committed(self, offset: &str, f: impl FnOnce(&mut Stats)) {
+        self.update(|s| {
+            put_str(&mut s.offset, offset);
+            s.stage = Stage::ChangeDataCapture as u8;
+            s.state = State::Polling as u8;
+            f(&mut s.stats);
+        });
+    }
+
     /// Updates the statistics in place.
     pub fn stats(self, f: impl FnOnce(&mut Stats)) {
         self.update(|s| f(&mut s.stats));

@@ -150,6 +150,9 @@ pub struct Applier<'c> {
     create_missing: bool,
     dst_schema: String,
     in_xact: bool,
+    /// Whether this transaction opened an SPI connection (only the prepared
+    /// statement path needs one; it is opened on first use).
+    spi: bool,
     final_lsn: u64,
     xid: u32,
     commit_ts: i64,
@@ -192,6 +195,7 @@ impl<'c> Applier<'c> {
             create_missing,
             dst_schema: dst_schema.to_string(),
             in_xact: false,
+            spi: false,
             final_lsn: 0,
             xid: 0,
             commit_ts: 0,
@@ -212,9 +216,7 @@ impl<'c> Applier<'c> {
 
     pub fn begin(&mut self, final_lsn: u64, xid: u32, commit_ts: i64) {
         crate::pgtxn::start();
-        unsafe {
-            pg_sys::SPI_connect();
-        }
+        self.spi = false;
         self.in_xact = true;
         self.final_lsn = final_lsn;
         self.xid = xid;
@@ -226,8 +228,11 @@ impl<'c> Applier<'c> {
     /// in the replication origin within it.
     /// Returns the end of the local commit record (for flush tracking).
     pub fn commit(&mut self, commit_lsn: u64, end_lsn: u64, commit_ts: i64) -> u64 {
+        if self.spi {
+            unsafe { pg_sys::SPI_finish() };
+            self.spi = false;
+        }
         unsafe {
-            pg_sys::SPI_finish();
             pg_sys::replorigin_session_origin_lsn = end_lsn;
             pg_sys::replorigin_session_origin_timestamp = commit_ts;
         }
@@ -256,6 +261,7 @@ impl<'c> Applier<'c> {
             crate::pgtxn::abort();
         }
         self.in_xact = false;
+        self.spi = false;
         for entry in self.rels.values_mut() {
             entry.plans.clear();
         }
@@ -599,6 +605,11 @@ impl<'c> Applier<'c> {
         mask: Vec<bool>,
         build: impl FnOnce(&RelEntry) -> (String, Vec<pg_sys::Oid>),
     ) -> pg_sys::SPIPlanPtr {
+        // Every prepared-statement change goes through here first.
+        if !self.spi {
+            unsafe { pg_sys::SPI_connect() };
+            self.spi = true;
+        }
         let Some(entry) = self.rels.get_mut(&rel_id) else {
             pgrx::error!("unknown relation id {rel_id}");
         };

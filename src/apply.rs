@@ -439,6 +439,9 @@ impl<'c> Applier<'c> {
         }
         let dest = dest_columns(&rel, &target);
         let direct = direct_target(&rel, &target, &dest);
+        if let Some(direct) = &direct {
+            pgrx::debug1!("synchdb: {key} is applied directly: {direct:?}");
+        }
         self.rels.insert(
             rel.id,
             RelEntry {
@@ -494,7 +497,27 @@ impl<'c> Applier<'c> {
             .filter(|d| !d.generated)
             .map(|d| (d.name.clone(), u32::from(d.type_oid), d.typmod))
             .collect();
-        let changes = schema::diff_columns(&src, &dst);
+        let mut changes = schema::diff_columns(&src, &dst);
+        if !self.create_missing {
+            // Mode never: the destination tables are the user's. Columns the
+            // source lacks are kept (they may be the user's own); a column the
+            // destination lacks is added so that no value is lost.
+            changes = changes
+                .into_iter()
+                .filter_map(|c| match c {
+                    ColumnChange::Drop { .. } => None,
+                    ColumnChange::Rename { to, .. } => rel
+                        .columns
+                        .iter()
+                        .position(|c| c.name == to)
+                        .map(|i| ColumnChange::Add {
+                            name: to,
+                            source_index: i,
+                        }),
+                    other => Some(other),
+                })
+                .collect();
+        }
         if changes.is_empty() {
             return;
         }
@@ -986,6 +1009,15 @@ fn direct_target(
     dest: &[Option<DestColumn>],
 ) -> Option<direct::Target> {
     if dest.iter().any(|d| d.is_none()) {
+        return None;
+    }
+    // A destination column the source does not send gets its default
+    // through the prepared INSERT; the direct path would leave it NULL.
+    let stored = schema::dest_columns(&t.dst_schema, &t.dst_table)
+        .iter()
+        .filter(|d| !d.generated)
+        .count();
+    if stored != dest.len() {
         return None;
     }
     // With REPLICA IDENTITY FULL every column is flagged as key: rows are

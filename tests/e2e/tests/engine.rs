@@ -235,7 +235,9 @@ fn never_needs_existing_tables() {
     // With the table created by hand, the same change is applied on restart.
     pair.dst.execute(
         "CREATE SCHEMA IF NOT EXISTS postgres;
-         CREATE TABLE postgres.orders (id int PRIMARY KEY, customer text NOT NULL, amount numeric(10,2), created timestamptz)",
+         CREATE TABLE postgres.orders (note text DEFAULT 'local default',
+                                       created timestamptz, id int PRIMARY KEY,
+                                       customer text NOT NULL, amount numeric(10,2))",
     );
     wait_until(LONG, "stopped after the error", || {
         pair.state("nv").is_some_and(|s| s.pid == -1)
@@ -247,6 +249,14 @@ fn never_needs_existing_tables() {
             == 1
     });
     assert_eq!(pair.dst.count("SELECT count(*) FROM postgres.orders"), 1);
+    // Columns are matched by name whatever their order; a column only the
+    // destination has gets its default.
+    assert_eq!(
+        pair.dst
+            .query_one_string("SELECT note || '/' || customer FROM postgres.orders")
+            .as_deref(),
+        Some("local default/x")
+    );
     pair.src
         .execute("UPDATE public.orders SET customer = 'y' WHERE id = 8000");
     wait_until(LONG, "the update", || {

@@ -94,4 +94,5 @@ wait_for 30 "SELECT stage FROM synchdb_state_view WHERE name = 'pgconn'" "change
 dst -c "SELECT * FROM synchdb_state_view WHERE name = 'pgconn';"
 dst -c "SELECT * FROM postgres.orders WHERE id IN (1, 2, 1001) ORDER BY id" \
     -c "SELECT * FROM postgres.customers WHERE id = 1"
+dst -c "SELECT name, ddls, dmls, inserts, updates, deletes, transactions, tables_copied, rows_copied, lag_bytes FROM synchdb_stats_view WHERE name = 'pgconn';"
 echo "== demo done"

@@ -507,7 +507,16 @@ fn snapshot_tables(
             "CREATE_REPLICATION_SLOT {tmp_slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
         )),
     )?
-    .map_err(|e| Stop::Source(format!("creating the snapshot slot: {e}")))?;
+    .map_err(|e| {
+        let text = e.to_string();
+        if text.contains("all replication slots are in use") {
+            Stop::Source(format!(
+                "creating the snapshot slot: source has no free replication slot ({text}); a snapshot needs one more slot than the connector's own while it runs: raise max_replication_slots on the source or drop an unused slot"
+            ))
+        } else {
+            Stop::Source(format!("creating the snapshot slot: {text}"))
+        }
+    })?;
     let row = rows
         .first()
         .ok_or_else(|| Stop::Source("CREATE_REPLICATION_SLOT returned no row".into()))?;

@@ -22,7 +22,7 @@ pub enum SourceError {
     WalLevel(String),
     #[error("source user \"{0}\" has neither REPLICATION nor SUPERUSER")]
     NoReplicationPrivilege(String),
-    #[error("source has no free replication slot (max_replication_slots = {0})")]
+    #[error("source has no free replication slot ({0}); raise max_replication_slots on the source or drop an unused slot")]
     NoFreeSlot(String),
     #[error("captured table {0} does not exist on the source")]
     MissingTable(String),

@@ -661,8 +661,9 @@ impl<'c> Applier<'c> {
     fn insert(&mut self, rel_id: u32, new: &[TupleValue]) {
         let entry = &self.rels[&rel_id];
         if let Some(t) = entry.direct {
-            let vals = self.attr_values(entry, (0..new.len()).map(|i| (i, &new[i])));
-            self.in_change_cxt(|| direct::insert(&t, &vals));
+            let mut text = Vec::new();
+            let vals = attr_inputs(entry, (0..new.len()).map(|i| (i, &new[i])), &mut text);
+            direct::insert(&t, self.change_cxt.value(), &mut text, &vals);
             return;
         }
         let cols: Vec<usize> = (0..entry.rel.columns.len())
@@ -710,12 +711,14 @@ impl<'c> Applier<'c> {
                 None => new,
             };
             let keys = Self::key_columns(entry);
-            let key = self.attr_values(
+            let mut text = Vec::new();
+            let key = attr_inputs(
                 entry,
                 keys.iter().filter_map(|i| key_src.get(*i).map(|v| (*i, v))),
+                &mut text,
             );
-            let vals = self.attr_values(entry, (0..new.len()).map(|i| (i, &new[i])));
-            if !self.in_change_cxt(|| direct::update(&t, &key, &vals)) {
+            let vals = attr_inputs(entry, (0..new.len()).map(|i| (i, &new[i])), &mut text);
+            if !direct::update(&t, self.change_cxt.value(), &mut text, &key, &vals) {
                 self.missing_row("UPDATE", rel_id);
             }
             return;
@@ -785,11 +788,13 @@ impl<'c> Applier<'c> {
         let entry = &self.rels[&rel_id];
         if let (Some(t), OldKind::Key) = (entry.direct.filter(|t| t.has_key()), old.0) {
             let keys = Self::key_columns(entry);
-            let key = self.attr_values(
+            let mut text = Vec::new();
+            let key = attr_inputs(
                 entry,
                 keys.iter().filter_map(|i| old.1.get(*i).map(|v| (*i, v))),
+                &mut text,
             );
-            if !self.in_change_cxt(|| direct::delete(&t, &key)) {
+            if !direct::delete(&t, self.change_cxt.value(), &mut text, &key) {
                 self.missing_row("DELETE", rel_id);
             }
             return;
@@ -874,63 +879,6 @@ impl<'c> Applier<'c> {
         if let Err(e) = Spi::run(&sql) {
             pgrx::error!("{e}");
         }
-    }
-
-    /// Runs `f` in the per-change memory context (reset after each change).
-    fn in_change_cxt<R>(&self, f: impl FnOnce() -> R) -> R {
-        let old = unsafe { pg_sys::MemoryContextSwitchTo(self.change_cxt.value()) };
-        let r = f();
-        unsafe { pg_sys::MemoryContextSwitchTo(old) };
-        r
-    }
-
-    /// Converts one value with its destination type's input function (in the
-    /// per-change memory context); `None` for an unchanged TOAST value.
-    fn datum(&self, col: &DestColumn, v: &TupleValue) -> Option<(pg_sys::Datum, bool)> {
-        match v {
-            TupleValue::Null => Some((pg_sys::Datum::from(0), true)),
-            TupleValue::Unchanged => None,
-            TupleValue::Text(bytes) => {
-                let mut buf = Vec::with_capacity(bytes.len() + 1);
-                buf.extend_from_slice(bytes);
-                buf.push(0);
-                let d = self.in_change_cxt(|| unsafe {
-                    pg_sys::OidInputFunctionCall(
-                        col.input_fn,
-                        buf.as_mut_ptr() as *mut c_char,
-                        col.ioparam,
-                        col.typmod,
-                    )
-                });
-                Some((d, false))
-            }
-            TupleValue::Binary(_) => {
-                pgrx::error!("binary pgoutput values are not requested and not supported")
-            }
-        }
-    }
-
-    /// The destination attribute values of the given source columns
-    /// (unchanged TOAST values left out).
-    fn attr_values<'v>(
-        &self,
-        entry: &RelEntry,
-        vals: impl Iterator<Item = (usize, &'v TupleValue)>,
-    ) -> Vec<direct::AttrValue> {
-        let mut out = Vec::new();
-        for (i, v) in vals {
-            let Some(Some(col)) = entry.dest.get(i) else {
-                continue;
-            };
-            if let Some((datum, is_null)) = self.datum(col, v) {
-                out.push(direct::AttrValue {
-                    att: usize::try_from(col.attnum - 1).unwrap_or(usize::MAX),
-                    datum,
-                    is_null,
-                });
-            }
-        }
-        out
     }
 
     /// Converts the values with the destination types' input functions and
@@ -1043,6 +991,43 @@ fn target_of(e: &RelEntry) -> TableTarget {
         sync_lsn: 0,
         src_relid: 0,
     })
+}
+
+/// The destination attribute inputs of the given source columns, their
+/// texts appended NUL-terminated to `text` (unchanged TOAST values left
+/// out, so the row keeps what it has).
+fn attr_inputs<'v>(
+    entry: &RelEntry,
+    vals: impl Iterator<Item = (usize, &'v TupleValue)>,
+    text: &mut Vec<u8>,
+) -> Vec<direct::AttrInput> {
+    let mut out = Vec::new();
+    for (i, v) in vals {
+        let Some(Some(col)) = entry.dest.get(i) else {
+            continue;
+        };
+        let off = match v {
+            TupleValue::Unchanged => continue,
+            TupleValue::Null => None,
+            TupleValue::Text(bytes) => {
+                let off = text.len();
+                text.extend_from_slice(bytes);
+                text.push(0);
+                Some(off)
+            }
+            TupleValue::Binary(_) => {
+                pgrx::error!("binary pgoutput values are not requested and not supported")
+            }
+        };
+        out.push(direct::AttrInput {
+            att: usize::try_from(col.attnum - 1).unwrap_or(usize::MAX),
+            text: off,
+            input_fn: col.input_fn,
+            ioparam: col.ioparam,
+            typmod: col.typmod,
+        });
+    }
+    out
 }
 
 fn by_text(e: &RelEntry, cols: &[usize]) -> Vec<bool> {

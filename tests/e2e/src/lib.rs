@@ -195,6 +195,17 @@ impl Cluster {
         }
     }
 
+    /// A client of the `postgres` database for another thread (a writer
+    /// running while the test watches the destination).
+    pub fn spawn_client(&self) -> impl FnOnce() -> Client + Send + 'static {
+        let conn = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.display(),
+            self.port
+        );
+        move || Client::connect(&conn, NoTls).expect("writer connects")
+    }
+
     pub fn client_as(&self, user: &str) -> Client {
         let conn = format!(
             "host={} port={} user={user} dbname=postgres",

@@ -322,17 +322,9 @@ fn snapshot_under_write_load_is_seamless() {
         "CREATE TABLE public.busy (id int PRIMARY KEY, v int NOT NULL);
          INSERT INTO public.busy SELECT g, 0 FROM generate_series(1, 50000) g;",
     );
-    let port = pair.src.port();
-    let dir = pair.src.dir().to_path_buf();
+    let connect = pair.src.spawn_client();
     let writer = std::thread::spawn(move || {
-        let mut c = postgres::Client::connect(
-            &format!(
-                "host={} port={port} user=postgres dbname=postgres",
-                dir.display()
-            ),
-            postgres::NoTls,
-        )
-        .expect("writer connects");
+        let mut c = connect();
         for i in 0..1500 {
             c.batch_execute(&format!(
                 "UPDATE public.busy SET v = v + 1 WHERE id = {};
@@ -357,17 +349,9 @@ fn kill9_during_many_small_transactions() {
     pair.add_connector("k9");
     pair.start("k9", "initial");
     wait_ready_tables(&pair, "k9", 3);
-    let port = pair.src.port();
-    let dir = pair.src.dir().to_path_buf();
+    let connect = pair.src.spawn_client();
     let writer = std::thread::spawn(move || {
-        let mut c = postgres::Client::connect(
-            &format!(
-                "host={} port={port} user=postgres dbname=postgres",
-                dir.display()
-            ),
-            postgres::NoTls,
-        )
-        .expect("writer connects");
+        let mut c = connect();
         for i in 0..3000 {
             c.batch_execute(&format!(
                 "INSERT INTO public.events VALUES ({i}, 0); UPDATE public.events SET n = n + 1 WHERE id = {};",

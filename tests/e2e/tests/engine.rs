@@ -408,6 +408,38 @@ fn kill9_during_one_large_transaction() {
 }
 
 #[test]
+fn kill9_during_the_snapshot_copies_again_cleanly() {
+    let pair = Pair::new();
+    pair.src.execute(
+        "CREATE TABLE public.wide (id int PRIMARY KEY, payload text NOT NULL);
+         INSERT INTO public.wide SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 400000) g;",
+    );
+    pair.add_connector("snapk");
+    pair.start("snapk", "initial");
+    wait_until(LONG, "the copy to start", || {
+        pair.state("snapk")
+            .is_some_and(|s| s.stage == "initial snapshot" && s.state == "syncing")
+    });
+    let pid = running_pid(&pair, "snapk");
+    kill9(pid);
+    // The server restarts its workers; the interrupted copy was rolled back
+    // with its transaction and the table is copied again, once.
+    wait_until(LONG, "a new worker", || {
+        pair.state("snapk")
+            .is_some_and(|s| s.pid > 0 && s.pid != pid)
+    });
+    wait_until(Duration::from_secs(180), "the snapshot", || {
+        pair.dst.count(
+            "SELECT count(*) FROM synchdb_table_state WHERE name = 'snapk' AND state = 'ready'",
+        ) == 3
+    });
+    pair.src
+        .execute("INSERT INTO public.wide VALUES (0, 'after the snapshot')");
+    pair.wait_tables_equal("public.wide", "postgres.wide", "id");
+    pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+}
+
+#[test]
 fn source_restart_during_cdc() {
     let mut pair = Pair::new();
     pair.add_connector("sr");

@@ -639,3 +639,91 @@ fn error_strategies_exit_skip_retry() {
         "id",
     );
 }
+
+/// Private (anonymous) resident memory of a process, in kB.
+fn rss_anon_kb(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn memory_stays_bounded_during_a_huge_transaction() {
+    let pair = Pair::new();
+    pair.src
+        .execute("CREATE TABLE public.huge (id int PRIMARY KEY, payload text NOT NULL)");
+    pair.add_connector("mem");
+    pair.start("mem", "initial");
+    wait_ready_tables(&pair, "mem", 3);
+    let pid = running_pid(&pair, "mem");
+    // About 250 MB of row data in one source transaction.
+    pair.src.execute(
+        "INSERT INTO public.huge SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 500000) g",
+    );
+    let mut peak = 0;
+    wait_until(Duration::from_secs(180), "the huge transaction", || {
+        peak = peak.max(rss_anon_kb(pid).unwrap_or(0));
+        pair.dst.count("SELECT count(*) FROM postgres.huge") == 500000
+    });
+    eprintln!("peak private memory of the worker: {peak} kB");
+    assert!(
+        peak > 0 && peak < 100 * 1024,
+        "the worker held {peak} kB of private memory while applying"
+    );
+    assert_eq!(running_pid(&pair, "mem"), pid, "the same worker applied it");
+}
+
+#[test]
+fn dropping_the_extension_stops_the_worker() {
+    let pair = Pair::new();
+    pair.add_connector("own");
+    pair.start("own", "initial");
+    wait_ready_tables(&pair, "own", 2);
+    let pid = running_pid(&pair, "own");
+    pair.dst.execute("DROP EXTENSION synchdb");
+    wait_until(LONG, "the worker to exit", || {
+        pair.dst.count(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        )) == 0
+    });
+    // Nothing is left running that would start it again.
+    assert_eq!(
+        pair.dst.count(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'synchdb connector%'"
+        ),
+        0
+    );
+}
+
+#[test]
+fn destination_triggers_behave_as_under_native_replication() {
+    let pair = Pair::new();
+    pair.add_connector("trg");
+    pair.start("trg", "initial");
+    wait_ready_tables(&pair, "trg", 2);
+    pair.dst.execute(
+        "CREATE TABLE public.audit (id int);
+         CREATE FUNCTION public.audit_fn() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN INSERT INTO public.audit VALUES (NEW.id); RETURN NEW; END$$;
+         CREATE TRIGGER audit_t AFTER INSERT ON postgres.orders
+           FOR EACH ROW EXECUTE FUNCTION public.audit_fn();",
+    );
+    pair.src
+        .execute("INSERT INTO public.orders (id, customer) VALUES (7001, 'a')");
+    pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+    // An ordinary trigger does not fire for replicated rows...
+    assert_eq!(pair.dst.count("SELECT count(*) FROM public.audit"), 0);
+    // ...one enabled ALWAYS does.
+    pair.dst
+        .execute("ALTER TABLE postgres.orders ENABLE ALWAYS TRIGGER audit_t");
+    pair.src
+        .execute("INSERT INTO public.orders (id, customer) VALUES (7002, 'b')");
+    wait_until(LONG, "the ALWAYS trigger", || {
+        pair.dst
+            .count("SELECT count(*) FROM public.audit WHERE id = 7002")
+            == 1
+    });
+}

@@ -301,6 +301,24 @@ unsafe fn find(
     }
 }
 
+/// Runs `f` with an EvalPlanQual state (needed by the update and delete
+/// helpers; the apply never rechecks, as in native apply).
+#[cfg(feature = "pg15")]
+unsafe fn with_epq(ex: &Exec, f: impl FnOnce(*mut pg_sys::EPQState)) {
+    unsafe {
+        let mut epq: pg_sys::EPQState = std::mem::zeroed();
+        raw::EvalPlanQualInit(
+            &mut epq,
+            ex.estate,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            -1,
+        );
+        f(&mut epq);
+        raw::EvalPlanQualEnd(&mut epq);
+    }
+}
+
 #[cfg(feature = "pg15")]
 pub fn insert(t: &Target, cxt: pg_sys::MemoryContext, text: &mut [u8], new: &[AttrInput]) {
     let text = text.as_mut_ptr();
@@ -335,16 +353,9 @@ pub fn update(
         }
         set_attrs(slot, natts, text, new);
         raw::ExecStoreVirtualTuple(slot);
-        let mut epq: pg_sys::EPQState = std::mem::zeroed();
-        raw::EvalPlanQualInit(
-            &mut epq,
-            ex.estate,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            -1,
-        );
-        raw::ExecSimpleRelationUpdate(ex.rri, ex.estate, &mut epq, local, slot);
-        raw::EvalPlanQualEnd(&mut epq);
+        with_epq(ex, |epq| {
+            raw::ExecSimpleRelationUpdate(ex.rri, ex.estate, epq, local, slot)
+        });
         true
     })
 }
@@ -357,16 +368,9 @@ pub fn delete(t: &Target, cxt: pg_sys::MemoryContext, text: &mut [u8], key: &[At
         let Some(local) = find(t, ex, text, key) else {
             return false;
         };
-        let mut epq: pg_sys::EPQState = std::mem::zeroed();
-        raw::EvalPlanQualInit(
-            &mut epq,
-            ex.estate,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            -1,
-        );
-        raw::ExecSimpleRelationDelete(ex.rri, ex.estate, &mut epq, local);
-        raw::EvalPlanQualEnd(&mut epq);
+        with_epq(ex, |epq| {
+            raw::ExecSimpleRelationDelete(ex.rri, ex.estate, epq, local)
+        });
         true
     })
 }

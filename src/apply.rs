@@ -437,8 +437,8 @@ impl<'c> Applier<'c> {
         } else {
             self.follow_schema(&rel, &key, &target);
         }
-        let dest = dest_columns(&rel, &target);
-        let direct = direct_target(&rel, &target, &dest);
+        let (dest, stored) = dest_columns(&rel, &target);
+        let direct = direct_target(&rel, &target, &dest, stored);
         if let Some(direct) = &direct {
             pgrx::debug1!("synchdb: {key} is applied directly: {direct:?}");
         }
@@ -459,17 +459,15 @@ impl<'c> Applier<'c> {
             return;
         };
         let renamed = TableTarget {
-            dst_table: new.table.clone(),
+            dst_table: schema::follow_table_rename(
+                &self.connector,
+                old,
+                new,
+                &t.dst_schema,
+                &t.dst_table,
+            ),
             ..t.clone()
         };
-        if !schema::exists_table(&renamed.dst_schema, &renamed.dst_table) {
-            schema::run_ddl(&format!(
-                "ALTER TABLE {} RENAME TO {}",
-                sqlgen::qualified(&t.dst_schema, &t.dst_table),
-                sqlgen::quote_ident(&renamed.dst_table)
-            ));
-        }
-        schema::rename_table_state(&self.connector, old, new, &renamed.dst_table);
         self.counters.ddl += 1;
         pgrx::log!(
             "synchdb: connector \"{}\": source table {old} was renamed to {new}; renamed {}.{} to {}",
@@ -955,16 +953,13 @@ fn direct_target(
     rel: &Relation,
     t: &TableTarget,
     dest: &[Option<DestColumn>],
+    stored: usize,
 ) -> Option<direct::Target> {
     if dest.iter().any(|d| d.is_none()) {
         return None;
     }
     // A destination column the source does not send gets its default
     // through the prepared INSERT; the direct path would leave it NULL.
-    let stored = schema::dest_columns(&t.dst_schema, &t.dst_table)
-        .iter()
-        .filter(|d| !d.generated)
-        .count();
     if stored != dest.len() {
         return None;
     }
@@ -1046,10 +1041,13 @@ fn types_of(e: &RelEntry, cols: &[usize]) -> Vec<pg_sys::Oid> {
 }
 
 /// The destination column (type, typmod, input function) of each source
-/// column, by name.
-fn dest_columns(rel: &Relation, t: &TableTarget) -> Vec<Option<DestColumn>> {
+/// column, by name, and how many stored (not generated) columns the
+/// destination table has.
+fn dest_columns(rel: &Relation, t: &TableTarget) -> (Vec<Option<DestColumn>>, usize) {
     let cols = schema::dest_columns(&t.dst_schema, &t.dst_table);
-    rel.columns
+    let stored = cols.iter().filter(|d| !d.generated).count();
+    let mapped = rel
+        .columns
         .iter()
         .map(|c| {
             cols.iter()
@@ -1075,7 +1073,8 @@ fn dest_columns(rel: &Relation, t: &TableTarget) -> Vec<Option<DestColumn>> {
                     }
                 })
         })
-        .collect()
+        .collect();
+    (mapped, stored)
 }
 
 // ---------------------------------------------------------------------------

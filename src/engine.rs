@@ -214,21 +214,8 @@ fn follow_renames(
         let Some((old, s)) = orphans.iter().find(|(_, s)| s.src_relid == *oid) else {
             continue;
         };
-        let dst_table =
-            if s.dst_table == old.table && !schema_exists_table(&s.dst_schema, &t.table)? {
-                t.table.clone()
-            } else {
-                s.dst_table.clone()
-            };
-        pgtxn::run(|| {
-            if dst_table != s.dst_table {
-                schema::run_ddl(&format!(
-                    "ALTER TABLE {} RENAME TO {}",
-                    sqlgen::qualified(&s.dst_schema, &s.dst_table),
-                    sqlgen::quote_ident(&dst_table)
-                ));
-            }
-            schema::rename_table_state(&ctx.name, old, t, &dst_table);
+        let dst_table = pgtxn::run(|| {
+            schema::follow_table_rename(&ctx.name, old, t, &s.dst_schema, &s.dst_table)
         })
         .map_err(|e| Stop::Apply {
             msg: format!("following the rename of {old} to {t}: {e}"),
@@ -243,10 +230,6 @@ fn follow_renames(
         renamed = true;
     }
     Ok(renamed)
-}
-
-fn schema_exists_table(schema: &str, table: &str) -> Result<bool, Stop> {
-    pgtxn::run(|| schema::exists_table(schema, table)).map_err(Stop::Fatal)
 }
 
 fn sleep_or_stop(d: Duration) -> bool {

@@ -14,6 +14,30 @@ pub fn run_ddl(sql: &str) {
     run(sql)
 }
 
+/// Follows a source table rename: a destination table named after the
+/// source table is renamed with it (unless that name is taken), and the
+/// state row points at the new names. Returns the destination table name.
+pub fn follow_table_rename(
+    connector: &str,
+    old: &TableRef,
+    new: &TableRef,
+    dst_schema: &str,
+    dst_table: &str,
+) -> String {
+    let renamed = if dst_table == old.table && !exists_table(dst_schema, &new.table) {
+        run(&format!(
+            "ALTER TABLE {} RENAME TO {}",
+            sqlgen::qualified(dst_schema, dst_table),
+            sqlgen::quote_ident(&new.table)
+        ));
+        new.table.clone()
+    } else {
+        dst_table.to_string()
+    };
+    rename_table_state(connector, old, new, &renamed);
+    renamed
+}
+
 /// Points a renamed source table's state row at its new names.
 pub fn rename_table_state(connector: &str, old: &TableRef, new: &TableRef, dst_table: &str) {
     if let Err(e) = Spi::run_with_args(
@@ -39,14 +63,7 @@ fn run(sql: &str) {
 }
 
 pub fn exists_table(schema: &str, table: &str) -> bool {
-    matches!(
-        Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                             WHERE n.nspname = $1 AND c.relname = $2)",
-            &[schema.into(), table.into()],
-        ),
-        Ok(Some(true))
-    )
+    relid(schema, table).is_some()
 }
 
 fn exists_type(schema: &str, name: &str) -> bool {

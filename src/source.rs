@@ -511,6 +511,21 @@ pub async fn describe_user_types(
     Ok(ordered.into_iter().map(|(_, t)| t).collect())
 }
 
+/// How the destination must name type `oid` (with `typmod`).
+async fn type_ref(client: &Client, oid: u32, typmod: i32) -> Result<ColumnType, SourceError> {
+    let b = client
+        .query_one(include_str!("../sql/source_type_ref.sql"), &[&oid, &typmod])
+        .await
+        .map_err(SourceError::from_pg)?;
+    Ok(column_type(
+        &b.get::<_, String>(0),
+        b.get(1),
+        b.get(2),
+        b.get(3),
+        b.get(4),
+    ))
+}
+
 fn visit_type<'a>(
     client: &'a Client,
     oid: u32,
@@ -572,20 +587,7 @@ fn visit_type<'a>(
             b'd' => {
                 let base: u32 = row.get(3);
                 visit_type(client, base, ordered, visiting).await?;
-                let b = client
-                    .query_one(
-                        include_str!("../sql/source_type_ref.sql"),
-                        &[&base, &row.get::<_, i32>(4)],
-                    )
-                    .await
-                    .map_err(SourceError::from_pg)?;
-                let base_ty = column_type(
-                    &b.get::<_, String>(0),
-                    b.get(1),
-                    b.get(2),
-                    b.get(3),
-                    b.get(4),
-                );
+                let base_ty = type_ref(client, base, row.get(4)).await?;
                 let checks = client
                     .query(
                         "SELECT pg_catalog.pg_get_constraintdef(oid) FROM pg_catalog.pg_constraint
@@ -607,17 +609,7 @@ fn visit_type<'a>(
             b'r' => {
                 let sub: u32 = row.get(6);
                 visit_type(client, sub, ordered, visiting).await?;
-                let b = client
-                    .query_one(include_str!("../sql/source_type_ref.sql"), &[&sub, &-1i32])
-                    .await
-                    .map_err(SourceError::from_pg)?;
-                let subtype = column_type(
-                    &b.get::<_, String>(0),
-                    b.get(1),
-                    b.get(2),
-                    b.get(3),
-                    b.get(4),
-                );
+                let subtype = type_ref(client, sub, -1).await?;
                 Some(UserType::Range {
                     name,
                     subtype,

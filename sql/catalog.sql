@@ -30,6 +30,9 @@ CREATE TABLE synchdb_table_state (
     src_table   text NOT NULL,
     -- The source table's OID: follows renames made while streaming or stopped.
     src_relid   oid,
+    -- The destination columns that mirror source columns (the others are
+    -- the DBA's own: never dropped or renamed by the connector).
+    src_columns text[],
     dst_schema  text NOT NULL,
     dst_table   text NOT NULL,
     state       text NOT NULL CHECK (state IN ('ready', 'schema')),

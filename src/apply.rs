@@ -82,6 +82,10 @@ pub struct TableTarget {
     pub sync_lsn: u64,
     /// The source table's OID when known (0: not yet seen).
     pub src_relid: u32,
+    /// The destination columns that mirror source columns (the others are
+    /// the DBA's own and are never dropped or renamed); None when not
+    /// recorded (every stored column then counts as the source's).
+    pub src_columns: Option<Vec<String>>,
 }
 
 struct DestColumn {
@@ -97,6 +101,14 @@ struct DestColumn {
 
 struct RelEntry {
     rel: Relation,
+    /// Whether what the Relation message implies (renames, schema changes,
+    /// a new table) is applied and the maps below are built. Done at the
+    /// first change of a transaction newer than the table's copy: nothing
+    /// older than a copy may reshape it.
+    synced: bool,
+    /// The destination table's OID once synced.
+    dest_relid: Option<pg_sys::Oid>,
+    /// None once synced: the table is not replicated (skipped).
     target: Option<TableTarget>,
     /// Per source column: its destination column (None: not there).
     dest: Vec<Option<DestColumn>>,
@@ -364,94 +376,284 @@ impl<'c> Applier<'c> {
     }
 
     fn current_table(&self) -> Option<TableRef> {
-        self.current_rel_id
-            .and_then(|id| self.names_by_relid.get(&id))
-            .cloned()
+        let id = self.current_rel_id?;
+        match self.rels.get(&id) {
+            Some(e) => Some(TableRef {
+                schema: e.rel.namespace.clone(),
+                table: e.rel.name.clone(),
+            }),
+            None => self.names_by_relid.get(&id).cloned(),
+        }
     }
 
+    /// Takes note of a Relation message. Nothing is done to the destination
+    /// yet: the message may belong to a transaction older than the table's
+    /// copy, whose shape the copy has already left behind.
     fn relation(&mut self, rel: Relation) {
         if let Some(mut old) = self.rels.remove(&rel.id) {
             for (_, p) in old.plans.drain() {
                 unsafe { pg_sys::SPI_freeplan(p) };
             }
         }
+        self.current_rel_id = Some(rel.id);
+        self.rels.insert(
+            rel.id,
+            RelEntry {
+                rel,
+                synced: false,
+                dest_relid: None,
+                target: None,
+                dest: Vec::new(),
+                plans: HashMap::new(),
+                direct: None,
+            },
+        );
+    }
+
+    /// The copy position that decides whether the current transaction may
+    /// touch source relation `rel`: that of the table with its OID, else of
+    /// the table with its name (an older incarnation of a re-created table).
+    fn sync_lsn_for(&self, rel: &Relation) -> u64 {
+        if let Some(t) = self.targets.values().find(|t| t.src_relid == rel.id) {
+            return t.sync_lsn;
+        }
         let key = TableRef {
             schema: rel.namespace.clone(),
             table: rel.name.clone(),
         };
-        self.current_rel_id = Some(rel.id);
-        // A source table renamed during this session keeps its OID.
+        self.targets.get(&key).map(|t| t.sync_lsn).unwrap_or(0)
+    }
+
+    /// Makes relation `rel_id` ready for a change of the current transaction.
+    /// False when the change must not touch the destination: the transaction
+    /// is older than the table's copy, or the table is not replicated.
+    fn ready(&mut self, rel_id: u32) -> bool {
+        self.refresh_invalidated();
+        let Some(entry) = self.rels.get(&rel_id) else {
+            pgrx::error!("change for relation id {rel_id} arrived before its Relation message");
+        };
+        if !entry.synced {
+            if self.final_lsn < self.sync_lsn_for(&entry.rel) {
+                return false;
+            }
+            self.sync_entry(rel_id);
+            if let Some(relid) = self.rels.get(&rel_id).and_then(|e| e.dest_relid) {
+                // Invalidations from the DDL just run: the maps were read after it.
+                crate::relcache::forget(relid);
+            }
+        }
+        matches!(self.rels.get(&rel_id).and_then(|e| e.target.as_ref()), Some(t) if self.final_lsn >= t.sync_lsn)
+    }
+
+    /// Destination tables whose definition changed (a DBA's DDL, or ours)
+    /// have their maps rebuilt before their next change.
+    fn refresh_invalidated(&mut self) {
+        let (all, list) = crate::relcache::take();
+        if !all && list.is_empty() {
+            return;
+        }
+        for e in self.rels.values_mut() {
+            if !e.synced {
+                continue;
+            }
+            if all || e.dest_relid.is_some_and(|r| list.contains(&r)) {
+                for (_, p) in e.plans.drain() {
+                    unsafe { pg_sys::SPI_freeplan(p) };
+                }
+                e.synced = false;
+                e.direct = None;
+            }
+        }
+    }
+
+    /// Applies what the Relation message of `rel_id` implies: a rename, a
+    /// table created or re-created on the source, column changes; then maps
+    /// source columns onto the destination table.
+    fn sync_entry(&mut self, rel_id: u32) {
+        let rel = self.rels[&rel_id].rel.clone();
+        let key = TableRef {
+            schema: rel.namespace.clone(),
+            table: rel.name.clone(),
+        };
+        // A source table renamed keeps its OID.
         if let Some(old_key) = self.names_by_relid.get(&rel.id).cloned() {
             if old_key != key && !self.targets.contains_key(&key) {
                 self.rename_table(&old_key, &key);
             }
         }
         self.names_by_relid.insert(rel.id, key.clone());
-        let target = match self.targets.get(&key) {
-            Some(t) => t.clone(),
-            None => {
-                // A table the stream brings that the snapshot did not know
-                // (created later on the source): it lands in the destination
-                // schema under its own name.
-                let t = TableTarget {
-                    dst_schema: self.dst_schema.clone(),
-                    dst_table: rel.name.clone(),
-                    sync_lsn: 0,
-                    src_relid: rel.id,
-                };
-                self.targets.insert(key.clone(), t.clone());
-                t
-            }
-        };
-        if !schema::exists_table(&target.dst_schema, &target.dst_table) {
-            if !self.create_missing {
+        let known = self.targets.get(&key).cloned();
+        let mut target = known.clone().unwrap_or_else(|| TableTarget {
+            // A table the stream brings that the snapshot did not know
+            // (created later on the source): it lands in the destination
+            // schema under its own name.
+            dst_schema: self.dst_schema.clone(),
+            dst_table: rel.name.clone(),
+            sync_lsn: 0,
+            src_relid: rel.id,
+            src_columns: None,
+        });
+        let replicated = if schema::exists_table(&target.dst_schema, &target.dst_table) {
+            if known.is_none()
+                && self.create_missing
+                && !schema::owned_by(&self.connector, &target.dst_schema, &target.dst_table)
+            {
                 pgrx::error!(
-                    "destination table {}.{} for source table {} does not exist; in mode never the captured tables must be created first",
+                    "destination table {}.{} for new source table {key} already exists and was not created by connector \"{}\"; drop or rename it, or use mode never",
                     target.dst_schema,
                     target.dst_table,
-                    key
+                    self.connector
                 );
             }
-            let (shape, types) = match self.catalog.describe(&key) {
-                Ok(v) => v,
-                Err(e) => pgrx::error!("cannot read the definition of new source table {key}: {e}"),
-            };
-            schema::ensure_user_types(&types, &target.dst_schema);
-            schema::create_table(&target.dst_schema, &target.dst_table, &shape, false, false);
-            schema::record_table(
-                &self.connector,
-                &key,
-                &target.dst_schema,
-                &target.dst_table,
-                rel.id,
-                0,
-                0,
-            );
-            self.counters.ddl += 1;
-            pgrx::log!(
-                "synchdb: connector \"{}\" created {}.{} for new source table {key}",
-                self.connector,
-                target.dst_schema,
-                target.dst_table
-            );
+            if target.src_relid != 0 && target.src_relid != rel.id {
+                self.recreated(&rel, &key, &mut target);
+            } else if target.src_relid == 0 {
+                target.src_relid = rel.id;
+                schema::set_src_relid(&self.connector, &key, rel.id);
+            }
+            self.follow_schema(&rel, &key, &mut target);
+            true
         } else {
-            self.follow_schema(&rel, &key, &target);
-        }
-        let (dest, stored) = dest_columns(&rel, &target);
-        let direct = direct_target(&rel, &target, &dest, stored);
+            if !self.create_missing {
+                pgrx::error!(
+                    "destination table {}.{} for source table {key} does not exist; in mode never the captured tables must be created first",
+                    target.dst_schema,
+                    target.dst_table,
+                );
+            }
+            if known.as_ref().is_some_and(|t| t.sync_lsn != 0) && self.can_resync {
+                // A copied table vanished from the destination: copy it again.
+                self.resync = Some((key.clone(), target.clone()));
+                pgrx::error!(
+                    "destination table {}.{} for source table {key} does not exist any more; it is copied again",
+                    target.dst_schema,
+                    target.dst_table
+                );
+            }
+            self.create_late_table(&rel, &key, &mut target)
+        };
+        let entry_target = if replicated {
+            self.targets.insert(key.clone(), target.clone());
+            Some(target)
+        } else {
+            None
+        };
+        let (dest, stored, relid) = match &entry_target {
+            Some(t) => {
+                let (d, s) = dest_columns(&rel, t);
+                (d, s, schema::relid(&t.dst_schema, &t.dst_table))
+            }
+            None => (Vec::new(), 0, None),
+        };
+        let direct = entry_target
+            .as_ref()
+            .and_then(|t| direct_target(&rel, t, &dest, stored));
         if let Some(direct) = &direct {
             pgrx::debug1!("synchdb: {key} is applied directly: {direct:?}");
         }
-        self.rels.insert(
+        if let Some(e) = self.rels.get_mut(&rel_id) {
+            e.target = entry_target;
+            e.dest = dest;
+            e.direct = direct;
+            e.dest_relid = relid;
+            e.synced = true;
+        }
+    }
+
+    /// Creates the destination table of a source table the snapshot did not
+    /// know. Its shape comes from the source catalog when the catalog still
+    /// has this very table (same OID: user-defined types, NOT NULL, primary
+    /// key), else from the Relation message itself; a table that no longer
+    /// exists and uses types the stream cannot name is skipped (logged and
+    /// counted). Returns whether the table is replicated.
+    fn create_late_table(&mut self, rel: &Relation, key: &TableRef, t: &mut TableTarget) -> bool {
+        let described = self
+            .catalog
+            .describe(key)
+            .ok()
+            .filter(|(shape, _)| shape.oid == rel.id);
+        match described {
+            Some((shape, types)) => {
+                schema::ensure_user_types(&types, &t.dst_schema);
+                schema::create_table(&t.dst_schema, &t.dst_table, &shape, false);
+            }
+            None => {
+                if let Some(c) = rel.columns.iter().find(|c| c.type_oid >= FIRST_NORMAL_OID) {
+                    self.counters.skipped += 1;
+                    pgrx::log!(
+                        "synchdb: connector \"{}\": source table {key} (OID {}) no longer exists on the source and its column \"{}\" has a user-defined type; its changes are skipped",
+                        self.connector,
+                        rel.id,
+                        c.name
+                    );
+                    return false;
+                }
+                schema::create_table_from_stream(&t.dst_schema, &t.dst_table, rel);
+                pgrx::log!(
+                    "synchdb: connector \"{}\": source table {key} (OID {}) is not in the source catalog any more; {}.{} is built from the stream's description",
+                    self.connector,
+                    rel.id,
+                    t.dst_schema,
+                    t.dst_table
+                );
+            }
+        }
+        let cols: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
+        t.src_relid = rel.id;
+        t.sync_lsn = 0;
+        schema::record_table(
+            &self.connector,
+            key,
+            &t.dst_schema,
+            &t.dst_table,
             rel.id,
-            RelEntry {
-                rel,
-                target: Some(target),
-                dest,
-                plans: HashMap::new(),
-                direct,
-            },
+            0,
+            0,
+            None,
         );
+        self.counters.ddl += 1;
+        pgrx::log!(
+            "synchdb: connector \"{}\" created {}.{} for new source table {key}",
+            self.connector,
+            t.dst_schema,
+            t.dst_table
+        );
+        // The catalog may be ahead of the stream: bring the new (empty)
+        // table to the shape this Relation message announces.
+        self.follow_schema(rel, key, t);
+        if t.src_columns.is_none() {
+            t.src_columns = Some(cols.clone());
+            schema::set_src_columns(&self.connector, key, &cols);
+        }
+        true
+    }
+
+    /// The source table was dropped and created again under the same name
+    /// (a new OID): none of the old rows may stay.
+    fn recreated(&mut self, rel: &Relation, key: &TableRef, t: &mut TableTarget) {
+        self.counters.ddl += 1;
+        if self.can_resync {
+            self.resync = Some((key.clone(), t.clone()));
+            pgrx::error!(
+                "source table {key} was dropped and created again (OID {} became {}); the table is copied again",
+                t.src_relid,
+                rel.id
+            );
+        }
+        schema::run_ddl(&format!(
+            "TRUNCATE {}",
+            sqlgen::qualified(&t.dst_schema, &t.dst_table)
+        ));
+        pgrx::log!(
+            "synchdb: connector \"{}\": source table {key} was dropped and created again (OID {} became {}); emptied {}.{}",
+            self.connector,
+            t.src_relid,
+            rel.id,
+            t.dst_schema,
+            t.dst_table
+        );
+        t.src_relid = rel.id;
+        schema::set_src_relid(&self.connector, key, rel.id);
     }
 
     fn rename_table(&mut self, old: &TableRef, new: &TableRef) {
@@ -479,9 +681,21 @@ impl<'c> Applier<'c> {
         self.targets.insert(new.clone(), renamed);
     }
 
-    /// Applies the column changes a Relation message reveals.
-    fn follow_schema(&mut self, rel: &Relation, key: &TableRef, t: &TableTarget) {
+    /// Brings the destination table to the shape a Relation message
+    /// announces. Columns the destination has that never came from the
+    /// source are the DBA's and are left alone. In modes that copy data, a
+    /// change that existing rows cannot follow exactly from the stream alone
+    /// (an added column, whose values for existing rows come from a default
+    /// that may be volatile or changed since; a retyped column, possibly
+    /// through a USING expression; a rename, indistinguishable from a drop
+    /// and an add) makes the table be copied again under a fresh snapshot,
+    /// unless the table is empty. Dropped columns are dropped in place.
+    fn follow_schema(&mut self, rel: &Relation, key: &TableRef, t: &mut TableTarget) {
         let dest = schema::dest_columns(&t.dst_schema, &t.dst_table);
+        let owned = |name: &str| match &t.src_columns {
+            Some(list) => list.iter().any(|c| c == name),
+            None => true,
+        };
         let src: Vec<(String, Option<u32>, i32)> = rel
             .columns
             .iter()
@@ -490,9 +704,13 @@ impl<'c> Applier<'c> {
                 (c.name.clone(), builtin.then_some(c.type_oid), c.type_mod)
             })
             .collect();
+        let rel_names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
+        let src_names: Vec<&str> = rel_names.iter().map(|s| s.as_str()).collect();
+        // A destination-only column that the source now has by the same
+        // name is the source's from here on.
         let dst: Vec<(String, u32, i32)> = dest
             .iter()
-            .filter(|d| !d.generated)
+            .filter(|d| !d.generated && (owned(&d.name) || src_names.contains(&d.name.as_str())))
             .map(|d| (d.name.clone(), u32::from(d.type_oid), d.typmod))
             .collect();
         let mut changes = schema::diff_columns(&src, &dst);
@@ -517,25 +735,27 @@ impl<'c> Applier<'c> {
                 .collect();
         }
         if changes.is_empty() {
+            if t.src_columns.as_ref() != Some(&rel_names) {
+                t.src_columns = Some(rel_names.clone());
+                schema::set_src_columns(&self.connector, key, &rel_names);
+            }
             return;
         }
-        // A type change rewrote every row on the source, possibly through an
-        // arbitrary USING expression that the stream does not carry: the only
-        // exact answer is a fresh copy of the table.
-        if self.can_resync {
-            if let Some(ColumnChange::Retype { name, .. }) = changes
-                .iter()
-                .find(|c| matches!(c, ColumnChange::Retype { .. }))
-            {
-                self.resync = Some((key.clone(), t.clone()));
-                self.counters.ddl += 1;
-                pgrx::error!(
-                    "column \"{name}\" of source table {key} changed type; the table is copied again"
-                );
-            }
-        }
         let target = sqlgen::qualified(&t.dst_schema, &t.dst_table);
-        let mut shape: Option<SourceTable> = None;
+        let empty = schema::is_empty(&t.dst_schema, &t.dst_table);
+        let only_drops = changes
+            .iter()
+            .all(|c| matches!(c, ColumnChange::Drop { .. }));
+        if self.can_resync && !empty && !only_drops {
+            self.resync = Some((key.clone(), t.clone()));
+            self.counters.ddl += 1;
+            let what: Vec<String> = changes.iter().map(describe_change).collect();
+            pgrx::error!(
+                "source table {key} changed shape ({}); the table is copied again",
+                what.join(", ")
+            );
+        }
+        let mut shape: Option<Option<SourceTable>> = None;
         for ch in changes {
             let ddl = match &ch {
                 ColumnChange::Rename { from, to } => format!(
@@ -549,33 +769,50 @@ impl<'c> Applier<'c> {
                         sqlgen::quote_ident(name)
                     )
                 }
-                ColumnChange::Add { name, .. } | ColumnChange::Retype { name, .. } => {
+                ColumnChange::Add { name, source_index }
+                | ColumnChange::Retype { name, source_index } => {
+                    // The catalog names user-defined types; it is read only
+                    // when it still describes this very table.
                     if shape.is_none() {
-                        match self.catalog.describe(key) {
-                            Ok((s, types)) => {
+                        shape = Some(match self.catalog.describe(key) {
+                            Ok((s, types)) if s.oid == rel.id => {
                                 schema::ensure_user_types(&types, &t.dst_schema);
-                                shape = Some(s);
+                                Some(s)
                             }
-                            Err(e) => pgrx::error!(
-                                "cannot read the definition of source table {key}: {e}"
-                            ),
-                        }
+                            _ => None,
+                        });
                     }
                     let col = shape
                         .as_ref()
+                        .and_then(|s| s.as_ref())
                         .and_then(|s| s.columns.iter().find(|c| &c.name == name).cloned());
-                    let Some(col) = col else {
-                        pgrx::error!("column \"{name}\" of source table {key} is not in the source catalog any more");
+                    let rc = &rel.columns[*source_index];
+                    let ty = match &col {
+                        Some(col)
+                            if col.type_oid == rc.type_oid || rc.type_oid >= FIRST_NORMAL_OID =>
+                        {
+                            schema::type_sql(
+                                &col.ty,
+                                &t.dst_schema,
+                                &format!("column \"{name}\" of {key}"),
+                            )
+                        }
+                        _ if rc.type_oid < FIRST_NORMAL_OID => {
+                            schema::format_type(rc.type_oid, rc.type_mod)
+                        }
+                        _ => {
+                            pgrx::warning!(
+                                "synchdb: column \"{name}\" of {key} is no longer in the source catalog and has a user-defined type; it is kept as text"
+                            );
+                            "text".to_string()
+                        }
                     };
-                    let ty = schema::type_sql(
-                        &col.ty,
-                        &t.dst_schema,
-                        &format!("column \"{name}\" of {key}"),
-                    );
                     if matches!(ch, ColumnChange::Retype { .. }) {
-                        pgrx::warning!(
-                            "synchdb: column \"{name}\" of {key} changed type; existing destination values are converted through their text form (this mode does not copy tables again)"
-                        );
+                        if !empty {
+                            pgrx::warning!(
+                                "synchdb: column \"{name}\" of {key} changed type; existing destination values are converted through their text form (this mode does not copy tables again)"
+                            );
+                        }
                         format!(
                             "ALTER TABLE {target} ALTER COLUMN {c} TYPE {ty} USING {c}::text::{ty}",
                             c = sqlgen::quote_ident(name)
@@ -585,13 +822,15 @@ impl<'c> Applier<'c> {
                             "ALTER TABLE {target} ADD COLUMN {} {ty}",
                             sqlgen::quote_ident(name)
                         );
-                        if let Some(g) = &col.generated {
-                            d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
-                        } else {
+                        if !empty && col.is_some() {
+                            // Modes that never copy: existing rows got the
+                            // default on the source; a sequence default cannot
+                            // be reproduced here, a volatile one only roughly.
                             let default = self.catalog.column_default(rel.id, name).unwrap_or(None);
-                            // Existing rows got the default on the source; a
-                            // sequence default cannot be reproduced here.
                             if let Some(def) = default.filter(|d| !d.contains("nextval(")) {
+                                pgrx::warning!(
+                                    "synchdb: column \"{name}\" added to {key} with default {def}: existing destination rows get the default evaluated here (this mode does not copy tables again)"
+                                );
                                 d.push_str(&format!(" DEFAULT {def}"));
                             }
                         }
@@ -606,16 +845,23 @@ impl<'c> Applier<'c> {
                 self.connector
             );
         }
+        // Keep the DBA's columns apart from the source's from now on.
+        let mut cols = rel_names;
+        if !self.create_missing {
+            for d in &dest {
+                if owned(&d.name) && !d.generated && !cols.contains(&d.name) {
+                    cols.push(d.name.clone());
+                }
+            }
+        }
+        t.src_columns = Some(cols.clone());
+        schema::set_src_columns(&self.connector, key, &cols);
     }
 
     fn change(&mut self, rel_id: u32, f: impl FnOnce(&mut Self, u32)) {
-        let Some(entry) = self.rels.get(&rel_id) else {
-            pgrx::error!("change for relation id {rel_id} arrived before its Relation message");
-        };
         self.current_rel_id = Some(rel_id);
-        match &entry.target {
-            Some(t) if self.final_lsn >= t.sync_lsn => f(self, rel_id),
-            _ => {}
+        if self.ready(rel_id) {
+            f(self, rel_id)
         }
     }
 
@@ -862,12 +1108,11 @@ impl<'c> Applier<'c> {
     fn truncate(&mut self, rel_ids: &[u32], restart_identity: bool) {
         let mut targets = Vec::new();
         for id in rel_ids {
-            if let Some(e) = self.rels.get(id) {
-                if let Some(t) = &e.target {
-                    if self.final_lsn >= t.sync_lsn {
-                        targets.push((t.dst_schema.clone(), t.dst_table.clone()));
-                    }
-                }
+            if !self.rels.contains_key(id) || !self.ready(*id) {
+                continue;
+            }
+            if let Some(t) = self.rels.get(id).and_then(|e| e.target.as_ref()) {
+                targets.push((t.dst_schema.clone(), t.dst_table.clone()));
             }
         }
         if targets.is_empty() {
@@ -945,6 +1190,18 @@ impl<'c> Applier<'c> {
     }
 }
 
+/// How a column change reads in a log line or an error.
+fn describe_change(c: &ColumnChange) -> String {
+    match c {
+        ColumnChange::Rename { from, to } => {
+            format!("column \"{from}\" renamed to \"{to}\" or dropped while \"{to}\" was added")
+        }
+        ColumnChange::Add { name, .. } => format!("column \"{name}\" added"),
+        ColumnChange::Drop { name } => format!("column \"{name}\" dropped"),
+        ColumnChange::Retype { name, .. } => format!("column \"{name}\" changed type"),
+    }
+}
+
 /// Direct changes are used when every source column has a destination
 /// column: inserts always, updates and deletes when the source sends
 /// key-only old rows (primary key or replica identity index) and the
@@ -985,6 +1242,7 @@ fn target_of(e: &RelEntry) -> TableTarget {
         dst_table: String::new(),
         sync_lsn: 0,
         src_relid: 0,
+        src_columns: None,
     })
 }
 

@@ -189,11 +189,20 @@ struct Exec {
 /// releases everything. `f` must not create values with destructors.
 #[cfg(feature = "pg15")]
 fn with_exec<R>(t: &Target, cxt: pg_sys::MemoryContext, f: impl FnOnce(&Exec) -> R) -> R {
-    unsafe {
+    let r = unsafe {
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
             let old_cxt = pg_sys::CurrentMemoryContext;
             pg_sys::CurrentMemoryContext = cxt;
             let rel = raw::table_open(t.relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            // Opening the table processed pending invalidations: if its
+            // definition changed since the target was prepared (a DBA's DDL
+            // committed meanwhile), nothing cached about it may be used.
+            let natts = usize::try_from((*(*rel).rd_att).natts).unwrap_or(0);
+            if natts != t.natts || crate::relcache::is_pending(t.relid) {
+                raw::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+                pg_sys::CurrentMemoryContext = old_cxt;
+                return None;
+            }
             raw::PushActiveSnapshot(raw::GetTransactionSnapshot());
             let estate = raw::CreateExecutorState();
             let rte = raw::palloc0(std::mem::size_of::<pg_sys::RangeTblEntry>())
@@ -224,8 +233,16 @@ fn with_exec<R>(t: &Target, cxt: pg_sys::MemoryContext, f: impl FnOnce(&Exec) ->
             raw::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
             raw::CommandCounterIncrement();
             pg_sys::CurrentMemoryContext = old_cxt;
-            r
+            Some(r)
         })
+    };
+    match r {
+        Some(r) => r,
+        None => pgrx::error!(
+            "destination table {} changed definition while a change was applied {}",
+            t.relid.to_u32(),
+            crate::relcache::APPLY_AGAIN
+        ),
     }
 }
 

@@ -82,12 +82,12 @@ pub fn run(ctx: &WorkerContext) {
                         );
                         break;
                     }
-                    ErrorStrategy::Skip => {
+                    ErrorStrategy::Skip if at.is_some() => {
                         pgrx::log!("synchdb: {text}; the change will be skipped");
                         skip = at;
                         backoff = Duration::from_millis(10);
                     }
-                    ErrorStrategy::Retry => {
+                    ErrorStrategy::Skip | ErrorStrategy::Retry => {
                         pgrx::log!("synchdb: {text}; retrying in {}s", backoff.as_secs());
                     }
                 }
@@ -139,6 +139,9 @@ struct StoredTable {
     dst_table: String,
     sync_lsn: u64,
     src_relid: u32,
+    /// Whether its copy is complete (else it is copied at the next start).
+    ready: bool,
+    src_columns: Option<Vec<String>>,
 }
 
 fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop> {
@@ -147,8 +150,8 @@ fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop>
             let mut out = HashMap::new();
             let rows = client.select(
                 "SELECT src_schema, src_table, dst_schema, dst_table, sync_lsn::text,
-                        coalesce(src_relid, 0)::bigint
-                   FROM public.synchdb_table_state WHERE name = $1 AND state = 'ready'",
+                        coalesce(src_relid, 0)::bigint, state = 'ready', src_columns
+                   FROM public.synchdb_table_state WHERE name = $1",
                 None,
                 &[name.into()],
             )?;
@@ -175,6 +178,8 @@ fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop>
                             .get::<i64>(6)?
                             .and_then(|v| u32::try_from(v).ok())
                             .unwrap_or(0),
+                        ready: row.get::<bool>(7)?.unwrap_or(false),
+                        src_columns: row.get::<Vec<String>>(8)?,
                     },
                 );
             }
@@ -319,86 +324,87 @@ fn attempt_inner(
         stored = load_table_states(&ctx.name)?;
     }
     // Decide, per table, what this start does with it.
-    let mut copy: Vec<TableRef> = Vec::new();
-    let mut schema_only: Vec<TableRef> = Vec::new();
-    for t in &tables {
-        let ready = stored.get(t);
-        let gap = matches!((ready, fresh_slot_at), (Some(s), Some(at)) if s.sync_lsn < at && s.sync_lsn != 0);
-        match mode {
-            Mode::Initial | Mode::InitialOnly => {
-                if ready.is_none() || gap {
-                    copy.push(t.clone());
-                }
-            }
-            Mode::Always => {
-                let selected = match &snap_filter {
-                    None => true,
-                    Some(list) => list.contains(t),
-                };
-                if selected || ready.is_none() || gap {
-                    copy.push(t.clone());
-                }
-            }
-            Mode::NoData => {
-                if ready.is_none() {
-                    schema_only.push(t.clone());
-                }
-            }
-            Mode::Never => {}
-        }
-    }
+    let plan = Plan {
+        mode,
+        snap_filter: snap_filter.as_deref(),
+        fresh_slot_at,
+    };
+    let copy: Vec<TableRef> = tables
+        .iter()
+        .filter(|t| plan.copies(t, stored.get(*t)))
+        .cloned()
+        .collect();
+    let schema_only: Vec<TableRef> = tables
+        .iter()
+        .filter(|t| mode == Mode::NoData && !stored.get(*t).is_some_and(|s| s.ready))
+        .cloned()
+        .collect();
 
     let copied_now = !copy.is_empty();
-    if !schema_only.is_empty() || !copy.is_empty() {
-        let mut shapes: HashMap<TableRef, SourceTable> = HashMap::new();
-        for t in copy.iter().chain(schema_only.iter()) {
-            shapes.insert(t.clone(), block(rt, source::describe_table(&client, t))??);
+    if !schema_only.is_empty() {
+        slot.set_stage(Stage::SchemaSync);
+        slot.set_state(State::Syncing);
+        let mut shapes: Vec<SourceTable> = Vec::new();
+        for t in &schema_only {
+            match block(rt, source::describe_table(&client, t))? {
+                Ok(s) => shapes.push(s),
+                Err(SourceError::MissingTable(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        let mut udt_roots: Vec<u32> = Vec::new();
-        for shape in shapes.values() {
+        let mut roots: Vec<u32> = Vec::new();
+        for shape in &shapes {
             for oid in source::user_type_roots(shape) {
-                if !udt_roots.contains(&oid) {
-                    udt_roots.push(oid);
+                if !roots.contains(&oid) {
+                    roots.push(oid);
                 }
             }
         }
-        let user_types = block(rt, source::describe_user_types(&client, &udt_roots))??;
-        if !schema_only.is_empty() {
-            slot.set_stage(Stage::SchemaSync);
-            slot.set_state(State::Syncing);
-            for t in &schema_only {
-                let shape = &shapes[t];
-                let dst = dest_names
-                    .get(t)
-                    .cloned()
-                    .unwrap_or_else(|| t.table.clone());
-                pgtxn::run(|| {
-                    schema::ensure_user_types(&user_types, &dst_schema);
-                    schema::create_table(&dst_schema, &dst, shape, false, false);
-                    schema::record_table(&ctx.name, t, &dst_schema, &dst, shape.oid, 0, 0);
-                })
-                .map_err(|e| Stop::Apply {
-                    msg: format!("creating {dst_schema}.{dst}: {e}"),
-                    at: None,
-                })?;
-            }
+        let user_types = block(rt, source::describe_user_types(&client, &roots))??;
+        for shape in &shapes {
+            let t = &shape.table;
+            let dst = stored
+                .get(t)
+                .map(|s| s.dst_table.clone())
+                .or_else(|| dest_names.get(t).cloned())
+                .unwrap_or_else(|| t.table.clone());
+            pgtxn::run(|| {
+                schema::ensure_user_types(&user_types, &dst_schema);
+                if !schema::create_table(&dst_schema, &dst, shape, false) {
+                    check_owner(&ctx.name, &dst_schema, &dst);
+                }
+                let cols = stored_columns(shape);
+                schema::record_table(
+                    &ctx.name,
+                    t,
+                    &dst_schema,
+                    &dst,
+                    shape.oid,
+                    0,
+                    0,
+                    Some(&cols),
+                );
+            })
+            .map_err(|e| Stop::Apply {
+                msg: format!("creating {dst_schema}.{dst}: {e}"),
+                at: None,
+            })?;
         }
-        if !copy.is_empty() {
-            slot.set_stage(Stage::InitialSnapshot);
-            slot.set_state(State::Syncing);
-            snapshot_tables(
-                ctx,
-                rt,
-                &info,
-                &object,
-                &copy,
-                &shapes,
-                &user_types,
-                &dest_names,
-                &dst_schema,
-                mode,
-            )?;
-        }
+    }
+    if plan.may_copy() && !copy.is_empty() {
+        slot.set_stage(Stage::InitialSnapshot);
+        slot.set_state(State::Syncing);
+        snapshot_tables(
+            ctx,
+            rt,
+            &info,
+            &object,
+            &copy,
+            &plan,
+            (&src_schema, explicit.as_deref()),
+            &stored,
+            &dst_schema,
+        )?;
     }
 
     if !mode.streams() {
@@ -416,36 +422,32 @@ fn attempt_inner(
         }
     }
 
-    // Stream.
+    // Stream: every table with a state, and the captured ones without.
     let stored = load_table_states(&ctx.name)?;
     let mut targets: HashMap<TableRef, TableTarget> = HashMap::new();
-    for t in &tables {
-        let (ds, dt, lsn, relid) = match stored.get(t) {
-            Some(s) => (
-                s.dst_schema.clone(),
-                s.dst_table.clone(),
-                s.sync_lsn,
-                s.src_relid,
-            ),
-            None => (
-                dst_schema.clone(),
-                dest_names
-                    .get(t)
-                    .cloned()
-                    .unwrap_or_else(|| t.table.clone()),
-                0,
-                0,
-            ),
-        };
+    for (t, s) in &stored {
         targets.insert(
             t.clone(),
             TableTarget {
-                dst_schema: ds,
-                dst_table: dt,
-                sync_lsn: lsn,
-                src_relid: relid,
+                dst_schema: s.dst_schema.clone(),
+                dst_table: s.dst_table.clone(),
+                sync_lsn: s.sync_lsn,
+                src_relid: s.src_relid,
+                src_columns: s.src_columns.clone(),
             },
         );
+    }
+    for t in &tables {
+        targets.entry(t.clone()).or_insert_with(|| TableTarget {
+            dst_schema: dst_schema.clone(),
+            dst_table: dest_names
+                .get(t)
+                .cloned()
+                .unwrap_or_else(|| t.table.clone()),
+            sync_lsn: 0,
+            src_relid: 0,
+            src_columns: None,
+        });
     }
     stream(
         ctx,
@@ -461,10 +463,72 @@ fn attempt_inner(
     )
 }
 
-/// Copies tables inside one snapshot exported by a temporary slot; each
-/// table is loaded and marked ready (with the slot's consistent point) in
-/// its own destination transaction, so an interrupted copy leaves nothing
-/// half-done and is redone cleanly on the next start.
+/// What a start does with each table.
+struct Plan<'a> {
+    mode: Mode,
+    snap_filter: Option<&'a [TableRef]>,
+    fresh_slot_at: Option<u64>,
+}
+
+impl Plan<'_> {
+    /// Whether this start copies table `t` (whose state is `stored`).
+    fn copies(&self, t: &TableRef, stored: Option<&StoredTable>) -> bool {
+        let ready = stored.filter(|s| s.ready);
+        // The connector's slot was lost and made again: a copy older than
+        // the new slot misses what happened in between.
+        let gap = matches!((ready, self.fresh_slot_at), (Some(s), Some(at)) if s.sync_lsn < at && s.sync_lsn != 0);
+        match self.mode {
+            Mode::Initial | Mode::InitialOnly => ready.is_none() || gap,
+            Mode::Always => {
+                let selected = self.snap_filter.is_none_or(|list| list.contains(t));
+                selected || ready.is_none() || gap
+            }
+            Mode::NoData | Mode::Never => false,
+        }
+    }
+
+    fn may_copy(&self) -> bool {
+        matches!(self.mode, Mode::Initial | Mode::InitialOnly | Mode::Always)
+    }
+}
+
+/// The source columns the destination stores (generated ones are computed there).
+fn stored_columns(shape: &SourceTable) -> Vec<String> {
+    shape
+        .columns
+        .iter()
+        .filter(|c| c.generated.is_none())
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// Raises an ERROR unless destination table schema.table is this
+/// connector's: a table someone else created is never emptied or reshaped.
+fn check_owner(connector: &str, schema: &str, table: &str) {
+    if schema::owned_by(connector, schema, table) {
+        return;
+    }
+    match schema::owner_other_than(connector, schema, table) {
+        Some(other) => pgrx::error!(
+            "destination table {}.{} belongs to connector \"{other}\"; connector \"{connector}\" does not write into it",
+            sqlgen::quote_ident(schema),
+            sqlgen::quote_ident(table)
+        ),
+        None => pgrx::error!(
+            "destination table {}.{} already exists and was not created by connector \"{connector}\"; drop or rename it, or start the connector in mode never to replicate into existing tables",
+            sqlgen::quote_ident(schema),
+            sqlgen::quote_ident(table)
+        ),
+    }
+}
+
+/// Copies tables inside one snapshot exported by a temporary slot. Which
+/// tables exist and their shapes are read inside that snapshot too (a table
+/// created or dropped, or a column changed, just before it cannot slip
+/// between the shape and the rows). Each table is loaded and marked ready
+/// (with the slot's consistent point) in its own destination transaction, so
+/// an interrupted copy leaves nothing half-done and is redone cleanly on the
+/// next start.
 #[allow(clippy::too_many_arguments)]
 fn snapshot_tables(
     ctx: &WorkerContext,
@@ -472,11 +536,10 @@ fn snapshot_tables(
     info: &ConnInfo,
     object: &str,
     copy: &[TableRef],
-    shapes: &HashMap<TableRef, SourceTable>,
-    user_types: &[source::UserType],
-    dest_names: &HashMap<TableRef, String>,
+    plan: &Plan<'_>,
+    captured: (&str, Option<&[TableRef]>),
+    stored: &HashMap<TableRef, StoredTable>,
     dst_schema: &str,
-    mode: Mode,
 ) -> Result<(), Stop> {
     let cfg = replication_config(info, object, 0);
     let mut gate = block(rt, ReplicationClient::connect_gated(cfg))?
@@ -523,21 +586,52 @@ fn snapshot_tables(
     )?
     .map_err(SourceError::from_pg)?;
 
-    for t in copy {
+    // The captured tables as of the snapshot: a table created since the
+    // start decided what to copy is copied too (when this start copies
+    // tables without a finished copy), one dropped since is left to the
+    // stream.
+    let inside = block(rt, source::list_tables(&client, captured.0, captured.1))??;
+    let mut todo: Vec<TableRef> = copy
+        .iter()
+        .filter(|t| inside.contains(t))
+        .cloned()
+        .collect();
+    for t in &inside {
+        if !todo.contains(t) && plan.copies(t, stored.get(t)) {
+            todo.push(t.clone());
+        }
+    }
+    let names = sqlgen::destination_names(&inside);
+    let mut shapes: Vec<SourceTable> = Vec::new();
+    for t in &todo {
+        match block(rt, source::describe_table(&client, t))? {
+            Ok(s) => shapes.push(s),
+            Err(SourceError::MissingTable(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut roots: Vec<u32> = Vec::new();
+    for shape in &shapes {
+        for oid in source::user_type_roots(shape) {
+            if !roots.contains(&oid) {
+                roots.push(oid);
+            }
+        }
+    }
+    let user_types = block(rt, source::describe_user_types(&client, &roots))??;
+
+    for shape in &shapes {
         if crate::worker::stopping() {
             return Err(Stop::Shutdown);
         }
-        let shape = &shapes[t];
-        let dst = dest_names
+        let t = &shape.table;
+        let dst = stored
             .get(t)
-            .cloned()
+            .map(|s| s.dst_table.clone())
+            .or_else(|| names.get(t).cloned())
             .unwrap_or_else(|| t.table.clone());
-        let cols: Vec<String> = shape
-            .columns
-            .iter()
-            .filter(|c| c.generated.is_none())
-            .map(|c| c.name.clone())
-            .collect();
+        let prev_cols = stored.get(t).and_then(|s| s.src_columns.clone());
+        let cols = stored_columns(shape);
         let col_refs: Vec<&str> = cols.iter().map(|s| s.as_str()).collect();
         let sql = sqlgen::copy_out(&t.schema, &t.table, &col_refs);
         let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
@@ -552,22 +646,28 @@ fn snapshot_tables(
                 Some(Err(e)) => Err(source::describe_pg_error(&e)),
             }
         };
-        let rebuild = mode == Mode::Always;
         let loaded = pgtxn::run(|| {
-            schema::ensure_user_types(user_types, dst_schema);
-            let created = schema::create_table(dst_schema, &dst, shape, rebuild, true);
-            if !created {
-                if let Err(e) =
-                    Spi::run(&format!("TRUNCATE {}", sqlgen::qualified(dst_schema, &dst)))
-                {
-                    pgrx::error!("{e}");
-                }
-            }
+            schema::ensure_user_types(&user_types, dst_schema);
+            let build_pk = if schema::create_table(dst_schema, &dst, shape, true) {
+                true
+            } else {
+                check_owner(&ctx.name, dst_schema, &dst);
+                schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
+            };
             let n = apply::copy_into(dst_schema, &dst, &cols, &mut feed);
-            if created {
+            if build_pk {
                 schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
             }
-            schema::record_table(&ctx.name, t, dst_schema, &dst, shape.oid, consistent, n);
+            schema::record_table(
+                &ctx.name,
+                t,
+                dst_schema,
+                &dst,
+                shape.oid,
+                consistent,
+                n,
+                Some(&cols),
+            );
             n
         });
         match loaded {
@@ -584,6 +684,13 @@ fn snapshot_tables(
             Err(e) => {
                 if crate::worker::stopping() {
                     return Err(Stop::Shutdown);
+                }
+                if e.contains("was not created by connector") || e.contains("belongs to connector")
+                {
+                    return Err(Stop::Apply {
+                        msg: format!("snapshot of {t}: {e}"),
+                        at: None,
+                    });
                 }
                 return Err(Stop::Source(format!("snapshot of {t}: {e}")));
             }
@@ -617,6 +724,7 @@ fn replication_config(info: &ConnInfo, object: &str, start: u64) -> ReplicationC
     .with_wakeup_interval(Duration::from_secs(1))
     .with_buffer_size(4096)
     .with_application_name("synchdb")
+    .with_options(source::PINNED_OPTIONS)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -633,6 +741,7 @@ fn stream(
     skip: &mut Option<(u64, u64)>,
 ) -> Result<(), Stop> {
     let slot = ctx.slot;
+    crate::relcache::register();
     let start = apply::setup_origin(object).map_err(Stop::Fatal)?;
     let cfg = replication_config(info, object, start);
     let mut client = block(rt, ReplicationClient::connect(cfg))?
@@ -829,6 +938,10 @@ fn stream(
                 if let Some((table, target)) = resync {
                     return resync_table(ctx, &table, &target);
                 }
+                if e.contains(crate::relcache::APPLY_AGAIN) {
+                    pgrx::log!("synchdb: connector \"{}\": {e}", ctx.name);
+                    return Err(Stop::Restart);
+                }
                 if e.contains("invalid input value for enum") {
                     if let Ok(n) = applier.sync_enum_labels() {
                         if n > 0 {
@@ -842,32 +955,17 @@ fn stream(
     }
 }
 
-/// Forgets a table so that the next attempt copies it again (under a new
-/// snapshot, with its own sync LSN: the stream skips what the copy holds).
+/// Marks a table for a fresh copy at the next attempt (under a new
+/// snapshot, with its own sync LSN: the stream skips what the copy holds),
+/// into the same destination table.
 fn resync_table(ctx: &WorkerContext, table: &TableRef, target: &TableTarget) -> Result<(), Stop> {
-    pgtxn::run(|| {
-        schema::run_ddl(&format!(
-            "DROP TABLE IF EXISTS {}",
-            sqlgen::qualified(&target.dst_schema, &target.dst_table)
-        ));
-        if let Err(e) = Spi::run_with_args(
-            "DELETE FROM public.synchdb_table_state WHERE name = $1 AND src_schema = $2 AND src_table = $3",
-            &[
-                ctx.name.as_str().into(),
-                table.schema.as_str().into(),
-                table.table.as_str().into(),
-            ],
-        ) {
-            pgrx::error!("{e}");
-        }
-    })
-    .map_err(|e| Stop::Apply {
+    pgtxn::run(|| schema::mark_for_copy(&ctx.name, table)).map_err(|e| Stop::Apply {
         msg: format!("preparing a fresh copy of {table}: {e}"),
         at: None,
     })?;
     ctx.slot.stats(|s| s.ddls += 1);
     pgrx::log!(
-        "synchdb: connector \"{}\": a column of {table} changed type on the source; {}.{} is copied again",
+        "synchdb: connector \"{}\": {table} changed on the source in a way only a fresh copy follows exactly; {}.{} is copied again",
         ctx.name,
         target.dst_schema,
         target.dst_table

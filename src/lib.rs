@@ -14,6 +14,7 @@ pub mod engine;
 pub mod gucs;
 pub mod lsn;
 pub mod pgtxn;
+pub mod relcache;
 pub mod schema;
 pub mod shmem;
 pub mod source;

@@ -5,6 +5,7 @@
 //! pgoutput Relation messages (added, dropped, renamed and retyped columns).
 
 use crate::conninfo::TableRef;
+use crate::decode::Relation;
 use crate::source::{ColumnType, SourceTable, UserType};
 use crate::sqlgen;
 use pgrx::prelude::*;
@@ -212,15 +213,14 @@ pub fn add_enum_labels(types: &[UserType], dst_schema: &str) -> usize {
     added
 }
 
-/// Creates a destination table from a source table's shape; with `rebuild`
-/// an existing one is dropped first. Returns whether it was created now
-/// (then it is empty and, with `defer_pk`, still without its primary key,
-/// which is faster to build after a bulk load).
+/// Creates a destination table from a source table's shape unless one
+/// exists. Returns whether it was created now (then it is empty and, with
+/// `defer_pk`, still without its primary key, which is faster to build after
+/// a bulk load).
 pub fn create_table(
     dst_schema: &str,
     dst_table: &str,
     shape: &SourceTable,
-    rebuild: bool,
     defer_pk: bool,
 ) -> bool {
     run(&format!(
@@ -228,13 +228,7 @@ pub fn create_table(
         sqlgen::quote_ident(dst_schema)
     ));
     if exists_table(dst_schema, dst_table) {
-        if !rebuild {
-            return false;
-        }
-        run(&format!(
-            "DROP TABLE {}",
-            sqlgen::qualified(dst_schema, dst_table)
-        ));
+        return false;
     }
     let cols: Vec<sqlgen::ColumnDef> = shape
         .columns
@@ -255,6 +249,247 @@ pub fn create_table(
     true
 }
 
+/// Creates a destination table from a Relation message alone (for a source
+/// table that is no longer in the source catalog); every column type must
+/// be built in. The replica identity columns of a default identity become
+/// the primary key.
+pub fn create_table_from_stream(dst_schema: &str, dst_table: &str, rel: &Relation) {
+    run(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        sqlgen::quote_ident(dst_schema)
+    ));
+    let cols: Vec<sqlgen::ColumnDef> = rel
+        .columns
+        .iter()
+        .map(|c| sqlgen::ColumnDef {
+            name: c.name.clone(),
+            type_sql: format_type(c.type_oid, c.type_mod),
+            not_null: false,
+            generated: None,
+        })
+        .collect();
+    let pk: Vec<String> = if rel.replica_identity == b'd' {
+        rel.columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| c.name.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    run(&sqlgen::create_table(dst_schema, dst_table, &cols, &pk));
+}
+
+/// `format_type` of a built-in type OID and typmod, as the destination
+/// writes it.
+pub fn format_type(oid: u32, typmod: i32) -> String {
+    match Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.format_type($1::oid, $2)",
+        &[i64::from(oid).into(), typmod.into()],
+    ) {
+        Ok(Some(s)) if !s.starts_with("???") && !s.is_empty() => s,
+        _ => pgrx::error!("type OID {oid} from the source is not a built-in type here"),
+    }
+}
+
+/// Whether the destination table has no row.
+pub fn is_empty(schema: &str, table: &str) -> bool {
+    let sql = format!(
+        "SELECT NOT EXISTS (SELECT 1 FROM {})",
+        sqlgen::qualified(schema, table)
+    );
+    match Spi::get_one::<bool>(&sql) {
+        Ok(Some(b)) => b,
+        Ok(None) => false,
+        Err(e) => pgrx::error!("{e}"),
+    }
+}
+
+/// Whether `connector` created (or adopted) destination table schema.table:
+/// its state lists it. Tables nobody recorded are never emptied or reshaped.
+pub fn owned_by(connector: &str, schema: &str, table: &str) -> bool {
+    matches!(
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM public.synchdb_table_state
+                             WHERE name = $1 AND dst_schema = $2 AND dst_table = $3)",
+            &[connector.into(), schema.into(), table.into()],
+        ),
+        Ok(Some(true))
+    )
+}
+
+/// Another connector's state that lists destination table schema.table.
+pub fn owner_other_than(connector: &str, schema: &str, table: &str) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        "SELECT name FROM public.synchdb_table_state
+          WHERE name <> $1 AND dst_schema = $2 AND dst_table = $3 LIMIT 1",
+        &[connector.into(), schema.into(), table.into()],
+    )
+    .ok()
+    .flatten()
+}
+
+fn update_state(sql: &str, connector: &str, t: &TableRef, value: pgrx::datum::DatumWithOid<'_>) {
+    if let Err(e) = Spi::run_with_args(
+        sql,
+        &[
+            connector.into(),
+            t.schema.as_str().into(),
+            t.table.as_str().into(),
+            value,
+        ],
+    ) {
+        pgrx::error!("{e}");
+    }
+}
+
+/// Records the source OID of a table's state.
+pub fn set_src_relid(connector: &str, t: &TableRef, relid: u32) {
+    update_state(
+        "UPDATE public.synchdb_table_state SET src_relid = $4::bigint::oid
+          WHERE name = $1 AND src_schema = $2 AND src_table = $3",
+        connector,
+        t,
+        i64::from(relid).into(),
+    );
+}
+
+/// Records which destination columns mirror source columns.
+pub fn set_src_columns(connector: &str, t: &TableRef, cols: &[String]) {
+    update_state(
+        "UPDATE public.synchdb_table_state SET src_columns = $4
+          WHERE name = $1 AND src_schema = $2 AND src_table = $3",
+        connector,
+        t,
+        cols.to_vec().into(),
+    );
+}
+
+/// Marks a table's copy as not done: the next start copies it again into
+/// the same destination table (emptied and reshaped, the DBA's columns,
+/// indexes and triggers kept).
+pub fn mark_for_copy(connector: &str, t: &TableRef) {
+    update_state(
+        "UPDATE public.synchdb_table_state SET state = 'schema', sync_lsn = '0/0'
+          WHERE name = $1 AND src_schema = $2 AND src_table = $3 AND $4",
+        connector,
+        t,
+        true.into(),
+    );
+}
+
+/// Prepares an existing destination table (created by this connector) for
+/// a fresh copy of `shape`: emptied, source columns the source no longer has
+/// dropped, missing ones added, changed types and NOT NULL set again; the
+/// DBA's own columns, indexes and triggers are kept. Returns whether the
+/// primary key must be built after the load.
+pub fn reshape_for_copy(
+    dst_schema: &str,
+    dst_table: &str,
+    shape: &SourceTable,
+    src_columns: Option<&[String]>,
+) -> bool {
+    let target = sqlgen::qualified(dst_schema, dst_table);
+    run(&format!("TRUNCATE {target}"));
+    let dest = dest_columns(dst_schema, dst_table);
+    let owned = |name: &str| src_columns.is_none_or(|l| l.iter().any(|c| c == name));
+    for d in &dest {
+        let in_source = shape.columns.iter().any(|c| c.name == d.name);
+        if !in_source && owned(&d.name) {
+            run(&format!(
+                "ALTER TABLE {target} DROP COLUMN {}",
+                sqlgen::quote_ident(&d.name)
+            ));
+        }
+    }
+    for c in &shape.columns {
+        let what = format!("column \"{}\" of {}", c.name, shape.table);
+        let ty = type_sql(&c.ty, dst_schema, &what);
+        let col = sqlgen::quote_ident(&c.name);
+        let existing = dest.iter().find(|d| d.name == c.name);
+        let same_kind = existing.is_some_and(|d| d.generated == c.generated.is_some());
+        if existing.is_some() && !same_kind {
+            run(&format!("ALTER TABLE {target} DROP COLUMN {col}"));
+        }
+        match existing.filter(|_| same_kind) {
+            None => {
+                let mut d = format!("ALTER TABLE {target} ADD COLUMN {col} {ty}");
+                if let Some(g) = &c.generated {
+                    d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
+                }
+                run(&d);
+            }
+            Some(d) => {
+                let expected = match &c.ty {
+                    ColumnType::Builtin(s) => s.clone(),
+                    _ => canonical_type(&ty),
+                };
+                if d.type_text != expected {
+                    run(&format!(
+                        "ALTER TABLE {target} ALTER COLUMN {col} TYPE {ty} USING NULL"
+                    ));
+                }
+            }
+        }
+        if c.generated.is_none() {
+            run(&format!(
+                "ALTER TABLE {target} ALTER COLUMN {col} {} NOT NULL",
+                if c.not_null { "SET" } else { "DROP" }
+            ));
+        }
+    }
+    let pk = primary_key_columns(dst_schema, dst_table);
+    if pk == shape.primary_key {
+        return false;
+    }
+    if !pk.is_empty() {
+        if let Ok(Some(con)) = Spi::get_one_with_args::<String>(
+            "SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid = $1::regclass AND contype = 'p'",
+            &[target.as_str().into()],
+        ) {
+            run(&format!(
+                "ALTER TABLE {target} DROP CONSTRAINT {}",
+                sqlgen::quote_ident(&con)
+            ));
+        }
+    }
+    !shape.primary_key.is_empty()
+}
+
+/// `format_type` of a type as SQL names it (resolved here; without typmod,
+/// which user-defined and extension types do not have).
+fn canonical_type(ty: &str) -> String {
+    Spi::get_one::<String>(&format!(
+        "SELECT pg_catalog.format_type(pg_catalog.pg_typeof(NULL::{ty}), NULL)"
+    ))
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| ty.to_string())
+}
+
+/// The primary key columns of a destination table, in key order.
+fn primary_key_columns(schema: &str, table: &str) -> Vec<String> {
+    let qualified = sqlgen::qualified(schema, table);
+    Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT a.attname::text FROM pg_catalog.pg_index i
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = $1::regclass AND i.indisprimary
+              ORDER BY array_position(i.indkey::int2[], a.attnum)",
+            None,
+            &[qualified.as_str().into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let Some(n) = r.get::<String>(1)? {
+                out.push(n);
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })
+    .unwrap_or_default()
+}
+
 pub fn add_primary_key(dst_schema: &str, dst_table: &str, pk: &[String]) {
     if !pk.is_empty() {
         run(&sqlgen::add_primary_key(dst_schema, dst_table, pk));
@@ -263,6 +498,7 @@ pub fn add_primary_key(dst_schema: &str, dst_table: &str, pk: &[String]) {
 
 /// Marks a source table ready in `synchdb_table_state` (snapshot complete as
 /// of `sync_lsn`, or created empty with 0).
+#[allow(clippy::too_many_arguments)]
 pub fn record_table(
     name: &str,
     t: &TableRef,
@@ -271,14 +507,16 @@ pub fn record_table(
     src_relid: u32,
     sync_lsn: u64,
     rows: u64,
+    columns: Option<&[String]>,
 ) {
     let r = Spi::run_with_args(
         "INSERT INTO public.synchdb_table_state
-              (name, src_schema, src_table, src_relid, dst_schema, dst_table, state, sync_lsn, rows_copied, synced_at)
-         VALUES ($1, $2, $3, NULLIF($8, 0)::oid, $4, $5, 'ready', $6::pg_lsn, $7, now())
+              (name, src_schema, src_table, src_relid, dst_schema, dst_table, state, sync_lsn, rows_copied, synced_at, src_columns)
+         VALUES ($1, $2, $3, NULLIF($8, 0)::oid, $4, $5, 'ready', $6::pg_lsn, $7, now(), $9)
          ON CONFLICT (name, src_schema, src_table) DO UPDATE
             SET dst_schema = EXCLUDED.dst_schema, dst_table = EXCLUDED.dst_table, state = 'ready',
                 src_relid = EXCLUDED.src_relid,
+                src_columns = coalesce(EXCLUDED.src_columns, synchdb_table_state.src_columns),
                 sync_lsn = EXCLUDED.sync_lsn, rows_copied = EXCLUDED.rows_copied, synced_at = now()",
         &[
             name.into(),
@@ -289,6 +527,7 @@ pub fn record_table(
             crate::lsn::format_lsn(sync_lsn).as_str().into(),
             i64::try_from(rows).unwrap_or(i64::MAX).into(),
             i64::from(src_relid).into(),
+            columns.map(|c| c.to_vec()).into(),
         ],
     );
     if let Err(e) = r {
@@ -304,6 +543,8 @@ pub struct DestCol {
     pub type_oid: pg_sys::Oid,
     pub typmod: i32,
     pub generated: bool,
+    /// `format_type` of its type and typmod.
+    pub type_text: String,
 }
 
 /// The OID of a destination table, if it exists.
@@ -322,7 +563,8 @@ pub fn dest_columns(schema: &str, table: &str) -> Vec<DestCol> {
     let qualified = sqlgen::qualified(schema, table);
     let r: Result<Vec<DestCol>, pgrx::spi::Error> = Spi::connect(|client| {
         let rows = client.select(
-            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attgenerated <> '', a.attnum
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attgenerated <> '', a.attnum,
+                    pg_catalog.format_type(a.atttypid, a.atttypmod)
                FROM pg_catalog.pg_attribute a
               WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
               ORDER BY a.attnum",
@@ -331,12 +573,13 @@ pub fn dest_columns(schema: &str, table: &str) -> Vec<DestCol> {
         )?;
         let mut out = Vec::new();
         for row in rows {
-            if let (Some(n), Some(t), Some(m), Some(g), Some(a)) = (
+            if let (Some(n), Some(t), Some(m), Some(g), Some(a), Some(tt)) = (
                 row.get::<String>(1)?,
                 row.get::<pg_sys::Oid>(2)?,
                 row.get::<i32>(3)?,
                 row.get::<bool>(4)?,
                 row.get::<i16>(5)?,
+                row.get::<String>(6)?,
             ) {
                 out.push(DestCol {
                     name: n,
@@ -344,6 +587,7 @@ pub fn dest_columns(schema: &str, table: &str) -> Vec<DestCol> {
                     type_oid: t,
                     typmod: m,
                     generated: g,
+                    type_text: tt,
                 });
             }
         }

@@ -80,8 +80,16 @@ fn block_signals() {
     }
 }
 
+/// Session settings pinned on every source connection, normal and
+/// replication, whatever the role or database defaults say: they decide how
+/// values are written as text (in COPY and in pgoutput), and the destination
+/// reads that text back with its input functions. Native logical
+/// replication pins the same ones.
+pub const PINNED_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C -c client_encoding=UTF8";
+
 fn config(info: &ConnInfo) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
+    c.options(PINNED_OPTIONS);
     c.host(&info.hostname)
         .port(u16::try_from(info.port).unwrap_or(5432))
         .user(&info.user)

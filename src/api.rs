@@ -433,6 +433,17 @@ fn synchdb_stats_rows() -> TableIterator<
     TableIterator::new(rows)
 }
 
+/// The name of the connector's replication slot and publication on the
+/// source (and of its replication origin here): unique per destination
+/// cluster and database, so several destinations can replicate one source.
+#[pg_extern]
+fn synchdb_object_name(name: &str) -> String {
+    if load_conninfo(name).is_none() {
+        unknown_connector(name);
+    }
+    crate::worker::object_name(name)
+}
+
 /// Zeroes a connector's statistics.
 #[pg_extern]
 fn synchdb_reset_stats(name: &str) -> i32 {

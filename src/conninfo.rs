@@ -399,6 +399,27 @@ pub fn source_object_name(connector: &str) -> String {
     head
 }
 
+/// The slot, publication and origin name of a connector in the destination
+/// database `db_oid` of the cluster with system identifier `system_id`:
+/// `source_object_name` plus a hash of both, so that connectors of the same
+/// name in two destination databases or clusters never share a slot or a
+/// publication on their source, nor an origin in their cluster.
+pub fn unique_object_name(connector: &str, system_id: u64, db_oid: u32) -> String {
+    let mut key = system_id.to_le_bytes().to_vec();
+    key.extend_from_slice(&db_oid.to_le_bytes());
+    let suffix = format!("_{:08x}", fnv1a(&key));
+    let base = source_object_name(connector);
+    let keep = MAX_NAME_BYTES - suffix.len();
+    let mut head: String = base.chars().take(keep).collect();
+    head.push_str(&suffix);
+    head
+}
+
+/// An 8-hex-digit hash of a name (for derived object names).
+pub fn name_hash(name: &str) -> String {
+    format!("{:08x}", fnv1a(name.as_bytes()))
+}
+
 fn fnv1a(bytes: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in bytes {
@@ -591,6 +612,25 @@ mod tests {
     #[test]
     fn object_names() {
         assert_eq!(source_object_name("pgconn"), "synchdb_pgconn");
+        let here = unique_object_name("pgconn", 7_300_000_000_000_000_001, 5);
+        assert!(here.starts_with("synchdb_pgconn_"));
+        assert_ne!(
+            here,
+            unique_object_name("pgconn", 7_300_000_000_000_000_001, 16384)
+        );
+        assert_ne!(
+            here,
+            unique_object_name("pgconn", 7_300_000_000_000_000_002, 5)
+        );
+        assert_eq!(
+            here,
+            unique_object_name("pgconn", 7_300_000_000_000_000_001, 5)
+        );
+        assert!(unique_object_name(&"y".repeat(63), 1, 1).len() <= 63);
+        assert_ne!(
+            unique_object_name(&"y".repeat(63), 1, 1),
+            unique_object_name(&"y".repeat(62), 1, 1)
+        );
         let a = source_object_name("PgConn");
         let b = source_object_name("pgconn");
         assert_ne!(a, b);

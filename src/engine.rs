@@ -286,7 +286,7 @@ fn attempt_inner(
         None => return Ok(()),
     };
     info.validate().map_err(|e| Stop::Fatal(e.to_string()))?;
-    let object = conninfo::source_object_name(&ctx.name);
+    let object = pgtxn::run(|| crate::worker::object_name(&ctx.name)).map_err(Stop::Fatal)?;
     let dst_schema = info.srcdb.clone();
     let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
     let src_schema = match &explicit {
@@ -544,7 +544,9 @@ fn snapshot_tables(
     let cfg = replication_config(info, object, 0);
     let mut gate = block(rt, ReplicationClient::connect_gated(cfg))?
         .map_err(|e| Stop::Source(format!("replication connection: {e}")))?;
-    let tmp_slot = format!("{}_snap_{}", &object[..object.len().min(40)], unsafe {
+    // Temporary; unique on the source across destinations (the connector's
+    // unique name hashed) and attempts (pid).
+    let tmp_slot = format!("synchdb_snap_{}_{}", conninfo::name_hash(object), unsafe {
         pg_sys::MyProcPid
     });
     let rows = block(

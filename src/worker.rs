@@ -197,11 +197,31 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
     let _ = Stage::None;
 }
 
+/// The name of connector `name`'s slot and publication on the source and
+/// of its replication origin here: unique per destination cluster and
+/// database. A connector that already ran under the name earlier versions
+/// used (`synchdb_<name>`, with its origin in this cluster and table states
+/// in this database) keeps it, so its slot and position stay valid.
+pub fn object_name(name: &str) -> String {
+    let legacy = conninfo::source_object_name(name);
+    let kept = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)
+            AND EXISTS (SELECT 1 FROM public.synchdb_table_state WHERE name = $2)",
+        &[legacy.as_str().into(), name.into()],
+    );
+    if matches!(kept, Ok(Some(true))) {
+        return legacy;
+    }
+    let system_id = unsafe { pg_sys::GetSystemIdentifier() };
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    conninfo::unique_object_name(name, system_id, db)
+}
+
 /// Drops the connector's replication slot and publication on the source
 /// (from `synchdb_del_conninfo`). A source that cannot be reached gets a
 /// WARNING naming what is left behind; the connector is deleted anyway.
 pub fn drop_source_objects(name: &str, info: &ConnInfo) {
-    let object = conninfo::source_object_name(name);
+    let object = object_name(name);
     match crate::source::drop_objects(info, &object) {
         Ok(()) => {}
         Err(e) => pgrx::warning!(
@@ -212,7 +232,7 @@ pub fn drop_source_objects(name: &str, info: &ConnInfo) {
 
 /// Drops the local replication origin that tracks the connector's progress.
 pub fn drop_local_origin(name: &str) {
-    let origin = conninfo::source_object_name(name);
+    let origin = object_name(name);
     let _ = Spi::run_with_args(
         "SELECT pg_catalog.pg_replication_origin_drop($1)
           WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)",

@@ -414,6 +414,13 @@ impl Pair {
         })
     }
 
+    /// The connector's slot (and publication) name on the source.
+    pub fn slot_name(&self, name: &str) -> String {
+        self.dst
+            .query_one_string(&format!("SELECT synchdb_object_name('{name}')"))
+            .unwrap_or_default()
+    }
+
     /// Waits until the connector has applied everything the source has
     /// committed so far (its slot confirmed the current WAL position).
     pub fn wait_caught_up(&self, name: &str) {
@@ -421,7 +428,7 @@ impl Pair {
             .src
             .query_one_string("SELECT pg_current_wal_lsn()::text")
             .unwrap_or_default();
-        let slot = format!("synchdb_{name}");
+        let slot = self.slot_name(name);
         wait_until(LONG, &format!("{name} to confirm {target}"), || {
             self.src.count(&format!(
                 "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'

@@ -465,8 +465,10 @@ fn delete_drops_slot_and_publication() {
     pair.start("gone", "initial");
     wait_ready_tables(&pair, "gone", 2);
     assert_eq!(
-        pair.src
-            .count("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'synchdb_gone'"),
+        pair.src.count(&format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+            pair.slot_name("gone")
+        )),
         1
     );
     pair.dst.execute("SELECT synchdb_del_conninfo('gone')");

@@ -391,11 +391,39 @@ pub fn reshape_for_copy(
 ) -> bool {
     let target = sqlgen::qualified(dst_schema, dst_table);
     run(&format!("TRUNCATE {target}"));
-    let dest = dest_columns(dst_schema, dst_table);
     let owned = |name: &str| src_columns.is_none_or(|l| l.iter().any(|c| c == name));
+    // Renamed columns keep their place (the table is empty: a rename and a
+    // drop plus an add are the same here, but the column order is not).
+    let src: Vec<(String, Option<u32>, i32)> = shape
+        .columns
+        .iter()
+        .filter(|c| c.generated.is_none())
+        .map(|c| (c.name.clone(), None, -1))
+        .collect();
+    let src_names: Vec<&str> = src.iter().map(|c| c.0.as_str()).collect();
+    let dst: Vec<(String, u32, i32)> = dest_columns(dst_schema, dst_table)
+        .iter()
+        .filter(|d| !d.generated && (owned(&d.name) || src_names.contains(&d.name.as_str())))
+        .map(|d| (d.name.clone(), u32::from(d.type_oid), d.typmod))
+        .collect();
+    for ch in diff_columns(&src, &dst) {
+        match ch {
+            ColumnChange::Rename { from, to } => run(&format!(
+                "ALTER TABLE {target} RENAME COLUMN {} TO {}",
+                sqlgen::quote_ident(&from),
+                sqlgen::quote_ident(&to)
+            )),
+            ColumnChange::Drop { name } => run(&format!(
+                "ALTER TABLE {target} DROP COLUMN {}",
+                sqlgen::quote_ident(&name)
+            )),
+            ColumnChange::Add { .. } | ColumnChange::Retype { .. } => {}
+        }
+    }
+    let dest = dest_columns(dst_schema, dst_table);
     for d in &dest {
         let in_source = shape.columns.iter().any(|c| c.name == d.name);
-        if !in_source && owned(&d.name) {
+        if !in_source && d.generated && owned(&d.name) {
             run(&format!(
                 "ALTER TABLE {target} DROP COLUMN {}",
                 sqlgen::quote_ident(&d.name)

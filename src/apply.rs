@@ -169,6 +169,9 @@ pub struct Applier<'c> {
     xid: u32,
     commit_ts: i64,
     change_idx: u64,
+    /// Set while a row change or TRUNCATE is being applied: an ERROR then
+    /// belongs to that change (the skip strategy skips exactly it).
+    in_change: bool,
     /// A change to skip, (final_lsn, index in its transaction), set by the skip strategy.
     pub skip: Option<(u64, u64)>,
     /// The source relation (OID) of the change being applied, for error
@@ -212,6 +215,7 @@ impl<'c> Applier<'c> {
             xid: 0,
             commit_ts: 0,
             change_idx: 0,
+            in_change: false,
             skip: None,
             current_rel_id: None,
             last: Position::default(),
@@ -228,6 +232,7 @@ impl<'c> Applier<'c> {
 
     pub fn begin(&mut self, final_lsn: u64, xid: u32, commit_ts: i64) {
         crate::pgtxn::start();
+        self.in_change = false;
         self.spi = false;
         self.in_xact = true;
         self.final_lsn = final_lsn;
@@ -319,11 +324,13 @@ impl<'c> Applier<'c> {
             | Message::Type { .. }
             | Message::Message { .. } => {}
         }
+        self.in_change = false;
         unsafe { pg_sys::MemoryContextReset(self.change_cxt.value()) };
     }
 
     /// Counts the change; false when the skip strategy drops this one.
     fn take_change(&mut self, kind: &'static str, wal_start: u64) -> bool {
+        self.in_change = true;
         let idx = self.change_idx;
         self.change_idx += 1;
         self.last.lsn_proc = wal_start.max(self.last.lsn_proc);
@@ -358,8 +365,11 @@ impl<'c> Applier<'c> {
         crate::pgtxn::run(|| schema::add_enum_labels(&types, &dst_schema))
     }
 
-    pub fn current_change(&self) -> (u64, u64) {
-        (self.final_lsn, self.change_idx.saturating_sub(1))
+    /// The change whose apply raised the last ERROR (None when the ERROR
+    /// came from elsewhere, e.g. the commit).
+    pub fn failed_change(&self) -> Option<(u64, u64)> {
+        self.in_change
+            .then(|| (self.final_lsn, self.change_idx.saturating_sub(1)))
     }
 
     /// Where the apply stands, for error messages.

@@ -45,6 +45,9 @@ impl From<SourceError> for Stop {
 pub fn run(ctx: &WorkerContext) {
     let mut backoff = Duration::from_secs(1);
     let mut skip: Option<(u64, u64)> = None;
+    // The change the skip strategy skipped last: failing again at the same
+    // place means skipping did not help, so it backs off like a retry.
+    let mut skipped: Option<(u64, u64)> = None;
     let mut mode = ctx.mode;
     loop {
         if crate::worker::stopping() {
@@ -82,9 +85,10 @@ pub fn run(ctx: &WorkerContext) {
                         );
                         break;
                     }
-                    ErrorStrategy::Skip if at.is_some() => {
+                    ErrorStrategy::Skip if at.is_some() && at != skipped => {
                         pgrx::log!("synchdb: {text}; the change will be skipped");
                         skip = at;
+                        skipped = at;
                         backoff = Duration::from_millis(10);
                     }
                     ErrorStrategy::Skip | ErrorStrategy::Retry => {
@@ -775,6 +779,10 @@ fn stream(
     applier.can_resync = matches!(mode, Mode::Initial | Mode::Always);
     let mut last_check = Instant::now();
     let mut last_request_check = Instant::now();
+    let mut last_received_check = Instant::now();
+    // Where the source's stream has got to (what it sent, buffered or not
+    // yet applied): lag_bytes is measured against it.
+    let metrics = client.metrics();
     let mut paused = false;
     let mut flush = FlushTracker::default();
     let mut published = apply::Counters::default();
@@ -785,6 +793,11 @@ fn stream(
         if crate::worker::stopping() {
             applier.abort();
             return Ok(());
+        }
+        if last_received_check.elapsed() >= Duration::from_millis(100) {
+            last_received_check = Instant::now();
+            let end = metrics.last_wal_end().as_u64();
+            slot.stats(|s| s.received_lsn = s.received_lsn.max(end));
         }
         if !applier.in_transaction() && last_request_check.elapsed() >= Duration::from_millis(20) {
             last_request_check = Instant::now();
@@ -925,14 +938,12 @@ fn stream(
                 let end = wal_end.as_u64();
                 slot.stats(|s| {
                     s.received_lsn = s.received_lsn.max(end);
-                    if s.applied_lsn > 0 {
-                        s.applied_lsn = s.applied_lsn.max(end);
-                    }
+                    s.applied_lsn = s.applied_lsn.max(end);
                 });
             }
             Ok(None) => {}
             Err(e) => {
-                let at = Some(applier.current_change());
+                let at = applier.failed_change();
                 let e = format!("{e} ({})", applier.context());
                 let resync = applier.resync.take();
                 applier.abort();

@@ -344,6 +344,9 @@ pub fn claim_for_start(dboid: pg_sys::Oid, name: &str) -> Claim {
             s.pid = 0;
             s.state = State::Initializing as u8;
             s.request = Request::None as u8;
+            // An offset set while paused and never resumed belongs to the
+            // stopped run: a new start resumes from the applied position.
+            s.pending_offset = 0;
             return Claim::Claimed(i);
         }
         match slots.iter_mut().enumerate().find(|(_, s)| !s.in_use) {

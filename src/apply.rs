@@ -68,9 +68,12 @@ pub trait SourceCatalog {
     fn column_default(&mut self, relid: u32, column: &str) -> Result<Option<String>, String>;
 }
 
-/// OIDs below this belong to objects PostgreSQL creates itself (built-in
-/// types keep their OIDs on every server).
-const FIRST_NORMAL_OID: u32 = 16384;
+/// Type OIDs below this are assigned in PostgreSQL's bootstrap catalogs and
+/// name the same built-in type on every server of every version. (Types
+/// initdb creates later, such as information_schema's domains, lie between
+/// this and 16384 and may differ between servers: they are compared by
+/// name, like user-defined types.)
+const FIRST_NORMAL_OID: u32 = 10000;
 
 /// Where a captured source table lands, and its snapshot position.
 #[derive(Debug, Clone)]

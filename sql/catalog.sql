@@ -11,6 +11,17 @@ CREATE TABLE synchdb_conninfo (
 REVOKE ALL ON synchdb_conninfo FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('synchdb_conninfo', '');
 
+-- The name of each connector's slot and publication on the source and of its
+-- replication origin here, chosen once when the connector is added (unique
+-- per destination cluster and database; see synchdb_object_name()).
+CREATE TABLE synchdb_objects (
+    name        text PRIMARY KEY REFERENCES synchdb_conninfo (name)
+                    ON DELETE CASCADE ON UPDATE CASCADE,
+    object_name text NOT NULL UNIQUE
+);
+REVOKE ALL ON synchdb_objects FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('synchdb_objects', '');
+
 -- The mode a connector was last started in (used when the server restarts it).
 CREATE TABLE synchdb_runtime (
     name       text PRIMARY KEY REFERENCES synchdb_conninfo (name)

@@ -148,6 +148,17 @@ fn synchdb_add_conninfo(
     ) {
         spi_error(e);
     }
+    let object = crate::conninfo::unique_object_name(
+        name,
+        unsafe { pg_sys::GetSystemIdentifier() },
+        my_database().to_u32(),
+    );
+    if let Err(e) = Spi::run_with_args(
+        "INSERT INTO public.synchdb_objects (name, object_name) VALUES ($1, $2)",
+        &[name.into(), object.as_str().into()],
+    ) {
+        spi_error(e);
+    }
     0
 }
 

@@ -64,6 +64,8 @@ pub fn reset_origin(origin: &str, lsn: u64) -> Result<(), String> {
 pub trait SourceCatalog {
     /// The shape of a source table and the user-defined types it uses.
     fn describe(&mut self, table: &TableRef) -> Result<(SourceTable, Vec<UserType>), String>;
+    /// The current name of a source relation, if it still exists.
+    fn relation_name(&mut self, relid: u32) -> Result<Option<TableRef>, String>;
     /// The default expression of a source column, if it has one.
     fn column_default(&mut self, relid: u32, column: &str) -> Result<Option<String>, String>;
 }
@@ -111,6 +113,10 @@ struct RelEntry {
     synced: bool,
     /// The destination table's OID once synced.
     dest_relid: Option<pg_sys::Oid>,
+    /// The local transaction (`Applier::xact_seq`) in which the destination
+    /// table was last locked: held until commit, so that no DDL can change
+    /// it between reading its definition and writing into it.
+    locked_in: u64,
     /// None once synced: the table is not replicated (skipped).
     target: Option<TableTarget>,
     /// Per source column: its destination column (None: not there).
@@ -175,8 +181,10 @@ pub struct Applier<'c> {
     /// Set while a row change or TRUNCATE is being applied: an ERROR then
     /// belongs to that change (the skip strategy skips exactly it).
     in_change: bool,
-    /// A change to skip, (final_lsn, index in its transaction), set by the skip strategy.
-    pub skip: Option<(u64, u64)>,
+    /// Counts local transactions (for `RelEntry::locked_in`).
+    xact_seq: u64,
+    /// Changes to skip, (final_lsn, index in its transaction), set by the skip strategy.
+    pub skip: Vec<(u64, u64)>,
     /// The source relation (OID) of the change being applied, for error
     /// context; its name is in `names_by_relid`.
     current_rel_id: Option<u32>,
@@ -219,7 +227,8 @@ impl<'c> Applier<'c> {
             commit_ts: 0,
             change_idx: 0,
             in_change: false,
-            skip: None,
+            xact_seq: 0,
+            skip: Vec::new(),
             current_rel_id: None,
             last: Position::default(),
             counters: Counters::default(),
@@ -236,6 +245,7 @@ impl<'c> Applier<'c> {
     pub fn begin(&mut self, final_lsn: u64, xid: u32, commit_ts: i64) {
         crate::pgtxn::start();
         self.in_change = false;
+        self.xact_seq += 1;
         self.spi = false;
         self.in_xact = true;
         self.final_lsn = final_lsn;
@@ -338,8 +348,7 @@ impl<'c> Applier<'c> {
         self.change_idx += 1;
         self.last.lsn_proc = wal_start.max(self.last.lsn_proc);
         self.last.message_type = kind;
-        if self.skip == Some((self.final_lsn, idx)) {
-            self.skip = None;
+        if self.skip.contains(&(self.final_lsn, idx)) {
             self.counters.skipped += 1;
             pgrx::warning!(
                 "synchdb: skipped {kind} #{idx} of remote transaction {} (commit LSN {}) after an apply error",
@@ -415,6 +424,7 @@ impl<'c> Applier<'c> {
                 rel,
                 synced: false,
                 dest_relid: None,
+                locked_in: 0,
                 target: None,
                 dest: Vec::new(),
                 plans: HashMap::new(),
@@ -441,6 +451,18 @@ impl<'c> Applier<'c> {
     /// False when the change must not touch the destination: the transaction
     /// is older than the table's copy, or the table is not replicated.
     fn ready(&mut self, rel_id: u32) -> bool {
+        // Lock the destination table first: taking the lock processes the
+        // invalidations of DDL committed before it, and holding it keeps
+        // any other from committing until this transaction ends.
+        let seq = self.xact_seq;
+        if let Some(e) = self.rels.get_mut(&rel_id) {
+            if let (Some(relid), true) = (e.dest_relid, e.locked_in != seq) {
+                unsafe {
+                    pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE)
+                };
+                e.locked_in = seq;
+            }
+        }
         self.refresh_invalidated();
         let Some(entry) = self.rels.get(&rel_id) else {
             pgrx::error!("change for relation id {rel_id} arrived before its Relation message");
@@ -488,14 +510,38 @@ impl<'c> Applier<'c> {
             schema: rel.namespace.clone(),
             table: rel.name.clone(),
         };
-        // A source table renamed keeps its OID.
-        if let Some(old_key) = self.names_by_relid.get(&rel.id).cloned() {
-            if old_key != key && !self.targets.contains_key(&key) {
-                self.rename_table(&old_key, &key);
+        // The table is found by its OID first: a source table renamed keeps
+        // it. The stream's name is followed when it is free; when another
+        // table holds it (the stream replays an older name after a later
+        // rename was already followed), the OID's table is used as it is.
+        let by_oid = self
+            .targets
+            .iter()
+            .find(|(_, t)| t.src_relid == rel.id)
+            .map(|(k, _)| k.clone());
+        let key = match by_oid {
+            Some(k) if k != key && !self.targets.contains_key(&key) => {
+                self.rename_table(&k, &key);
+                key
+            }
+            Some(k) => k,
+            None => key,
+        };
+        self.names_by_relid.insert(rel.id, key.clone());
+        let mut known = self.targets.get(&key).cloned();
+        if let Some(t) = known.clone() {
+            if t.src_relid != 0 && t.src_relid != rel.id {
+                // Another source table had this name. If it still exists
+                // under another name it was renamed away (and keeps its
+                // destination table, renamed with it): this one is new.
+                if let Ok(Some(now)) = self.catalog.relation_name(t.src_relid) {
+                    if now != key && !self.targets.contains_key(&now) {
+                        self.rename_table(&key, &now);
+                        known = None;
+                    }
+                }
             }
         }
-        self.names_by_relid.insert(rel.id, key.clone());
-        let known = self.targets.get(&key).cloned();
         let mut target = known.clone().unwrap_or_else(|| TableTarget {
             // A table the stream brings that the snapshot did not know
             // (created later on the source): it lands in the destination
@@ -506,7 +552,11 @@ impl<'c> Applier<'c> {
             src_relid: rel.id,
             src_columns: None,
         });
-        let replicated = if schema::exists_table(&target.dst_schema, &target.dst_table) {
+        let existing = schema::relid(&target.dst_schema, &target.dst_table);
+        if let Some(relid) = existing {
+            unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+        }
+        let replicated = if existing.is_some() {
             if known.is_none()
                 && self.create_missing
                 && !schema::owned_by(&self.connector, &target.dst_schema, &target.dst_table)
@@ -564,12 +614,14 @@ impl<'c> Applier<'c> {
         if let Some(direct) = &direct {
             pgrx::debug1!("synchdb: {key} is applied directly: {direct:?}");
         }
+        let seq = self.xact_seq;
         if let Some(e) = self.rels.get_mut(&rel_id) {
             e.target = entry_target;
             e.dest = dest;
             e.direct = direct;
             e.dest_relid = relid;
             e.synced = true;
+            e.locked_in = seq;
         }
     }
 
@@ -718,12 +770,9 @@ impl<'c> Applier<'c> {
             })
             .collect();
         let rel_names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
-        let src_names: Vec<&str> = rel_names.iter().map(|s| s.as_str()).collect();
-        // A destination-only column that the source now has by the same
-        // name is the source's from here on.
         let dst: Vec<(String, u32, i32)> = dest
             .iter()
-            .filter(|d| !d.generated && (owned(&d.name) || src_names.contains(&d.name.as_str())))
+            .filter(|d| !d.generated && owned(&d.name))
             .map(|d| (d.name.clone(), u32::from(d.type_oid), d.typmod))
             .collect();
         let mut changes = schema::diff_columns(&src, &dst);
@@ -770,6 +819,19 @@ impl<'c> Applier<'c> {
         }
         let mut shape: Option<Option<SourceTable>> = None;
         for ch in changes {
+            if let ColumnChange::Add { name, .. } = &ch {
+                // A column of the DBA's that the source now has by the same
+                // name becomes the source's (a table with rows was copied
+                // again above, in modes that copy).
+                if dest.iter().any(|d| &d.name == name) {
+                    if !empty {
+                        pgrx::warning!(
+                            "synchdb: column \"{name}\" that the source added to {key} already existed in {target} (added there by hand); it mirrors the source column from now on and keeps its values in existing rows (this mode does not copy tables again)"
+                        );
+                    }
+                    continue;
+                }
+            }
             let ddl = match &ch {
                 ColumnChange::Rename { from, to } => format!(
                     "ALTER TABLE {target} RENAME COLUMN {} TO {}",

@@ -400,19 +400,33 @@ pub fn source_object_name(connector: &str) -> String {
 }
 
 /// The slot, publication and origin name of a connector in the destination
-/// database `db_oid` of the cluster with system identifier `system_id`:
-/// `source_object_name` plus a hash of both, so that connectors of the same
-/// name in two destination databases or clusters never share a slot or a
-/// publication on their source, nor an origin in their cluster.
+/// database `db_oid` of the cluster with system identifier `system_id`: a
+/// sanitised prefix of the connector name plus one hash of the full name,
+/// the system identifier and the database OID, so that connectors of the
+/// same name in two destination databases or clusters never share a slot or
+/// a publication on their source, nor an origin in their cluster, and two
+/// long names never collide through truncation. At most 63 bytes.
 pub fn unique_object_name(connector: &str, system_id: u64, db_oid: u32) -> String {
-    let mut key = system_id.to_le_bytes().to_vec();
+    let mut key = connector.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&system_id.to_le_bytes());
     key.extend_from_slice(&db_oid.to_le_bytes());
-    let suffix = format!("_{:08x}", fnv1a(&key));
-    let base = source_object_name(connector);
-    let keep = MAX_NAME_BYTES - suffix.len();
-    let mut head: String = base.chars().take(keep).collect();
-    head.push_str(&suffix);
-    head
+    let suffix = format!(
+        "_{:08x}{:08x}",
+        fnv1a(&key),
+        fnv1a_seeded(&key, 0x9e37_79b9)
+    );
+    let clean: String = connector
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '_' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '_',
+        })
+        .collect();
+    let keep = MAX_NAME_BYTES - suffix.len() - "synchdb_".len();
+    let head: String = clean.chars().take(keep).collect();
+    format!("synchdb_{head}{suffix}")
 }
 
 /// An 8-hex-digit hash of a name (for derived object names).
@@ -421,7 +435,11 @@ pub fn name_hash(name: &str) -> String {
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
+    fnv1a_seeded(bytes, 0x811c_9dc5)
+}
+
+fn fnv1a_seeded(bytes: &[u8], seed: u32) -> u32 {
+    let mut h: u32 = seed;
     for b in bytes {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
@@ -627,6 +645,14 @@ mod tests {
             unique_object_name("pgconn", 7_300_000_000_000_000_001, 5)
         );
         assert!(unique_object_name(&"y".repeat(63), 1, 1).len() <= 63);
+        assert_ne!(
+            unique_object_name("orders_replication_from_production_cluster_eu_01", 1, 1),
+            unique_object_name("orders_replication_from_production_cluster_eu_02", 1, 1)
+        );
+        assert_ne!(
+            unique_object_name("PgConn", 1, 1),
+            unique_object_name("pgconn", 1, 1)
+        );
         assert_ne!(
             unique_object_name(&"y".repeat(63), 1, 1),
             unique_object_name(&"y".repeat(62), 1, 1)

@@ -44,10 +44,11 @@ impl From<SourceError> for Stop {
 
 pub fn run(ctx: &WorkerContext) {
     let mut backoff = Duration::from_secs(1);
-    let mut skip: Option<(u64, u64)> = None;
-    // The change the skip strategy skipped last: failing again at the same
-    // place means skipping did not help, so it backs off like a retry.
-    let mut skipped: Option<(u64, u64)> = None;
+    // Changes the skip strategy skips, (commit LSN, index in the
+    // transaction), kept until the stream is past them (a later restart
+    // replays them). Failing again at one of them means skipping did not
+    // help, so it backs off like a retry.
+    let mut skip: Vec<(u64, u64)> = Vec::new();
     let mut mode = ctx.mode;
     loop {
         if crate::worker::stopping() {
@@ -85,10 +86,9 @@ pub fn run(ctx: &WorkerContext) {
                         );
                         break;
                     }
-                    ErrorStrategy::Skip if at.is_some() && at != skipped => {
+                    ErrorStrategy::Skip if at.is_some_and(|a| !skip.contains(&a)) => {
                         pgrx::log!("synchdb: {text}; the change will be skipped");
-                        skip = at;
-                        skipped = at;
+                        skip.extend(at);
                         backoff = Duration::from_millis(10);
                     }
                     ErrorStrategy::Skip | ErrorStrategy::Retry => {
@@ -264,7 +264,7 @@ fn block<F: std::future::Future>(rt: &tokio::runtime::Runtime, fut: F) -> Result
     }
 }
 
-fn attempt(ctx: &WorkerContext, mode: Mode, skip: &mut Option<(u64, u64)>) -> Stop {
+fn attempt(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) -> Stop {
     // Any ERROR or panic that escapes is recorded instead of ending the
     // worker with an empty `err`.
     let r = pgtxn::catch(|| attempt_inner(ctx, mode, skip));
@@ -278,11 +278,7 @@ fn attempt(ctx: &WorkerContext, mode: Mode, skip: &mut Option<(u64, u64)>) -> St
     }
 }
 
-fn attempt_inner(
-    ctx: &WorkerContext,
-    mode: Mode,
-    skip: &mut Option<(u64, u64)>,
-) -> Result<(), Stop> {
+fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) -> Result<(), Stop> {
     let slot = ctx.slot;
     slot.set_state(State::Initializing);
     let info = match load(&ctx.name)? {
@@ -325,6 +321,18 @@ fn attempt_inner(
 
     let mut stored = load_table_states(&ctx.name)?;
     if follow_renames(ctx, rt, &client, &tables, &stored)? {
+        stored = load_table_states(&ctx.name)?;
+    }
+    // A copy pending for a table that no longer exists on the source (or is
+    // no longer captured) can never happen: its older changes are skipped.
+    let vanished: Vec<TableRef> = stored
+        .iter()
+        .filter(|(t, s)| !s.ready && !tables.contains(t))
+        .map(|(t, _)| t.clone())
+        .collect();
+    if !vanished.is_empty() {
+        let now = block(rt, source::current_wal_lsn(&client))??;
+        settle_vanished(&ctx.name, &vanished, now)?;
         stored = load_table_states(&ctx.name)?;
     }
     // Decide, per table, what this start does with it.
@@ -467,6 +475,20 @@ fn attempt_inner(
     )
 }
 
+/// Marks pending copies of tables gone from the source as done at `lsn`.
+fn settle_vanished(connector: &str, tables: &[TableRef], lsn: u64) -> Result<(), Stop> {
+    pgtxn::run(|| {
+        for t in tables {
+            schema::mark_ready_at(connector, t, lsn);
+            pgrx::log!(
+                "synchdb: connector \"{connector}\": {t} is gone from the source; its pending copy is dropped and its changes before {} are skipped",
+                crate::lsn::format_lsn(lsn)
+            );
+        }
+    })
+    .map_err(Stop::Fatal)
+}
+
 /// What a start does with each table.
 struct Plan<'a> {
     mode: Mode,
@@ -526,15 +548,26 @@ fn check_owner(connector: &str, schema: &str, table: &str) {
     }
 }
 
-/// Copies tables inside one snapshot exported by a temporary slot. Which
-/// tables exist and their shapes are read inside that snapshot too (a table
-/// created or dropped, or a column changed, just before it cannot slip
-/// between the shape and the rows). Each table is loaded and marked ready
-/// (with the slot's consistent point) in its own destination transaction, so
-/// an interrupted copy leaves nothing half-done and is redone cleanly on the
-/// next start.
+/// An exported snapshot held open for a copy: the session that exported it
+/// (its temporary slot), a connection inside it, the slot's consistent
+/// point, and the tables to copy with their shapes as of the snapshot.
+struct Snapshot {
+    gate: ReplicationClient,
+    client: tokio_postgres::Client,
+    consistent: u64,
+    shapes: Vec<SourceTable>,
+    user_types: Vec<source::UserType>,
+    names: HashMap<TableRef, String>,
+}
+
+/// Exports a snapshot and reads, inside it, which tables to copy and their
+/// shapes; then locks them (ACCESS SHARE, as pg_dump does, until the copy
+/// ends). `None` when one of them was rewritten (ALTER TABLE ... TYPE, a
+/// volatile default, TRUNCATE, VACUUM FULL) after the snapshot was taken
+/// and before the lock: a rewrite is not MVCC-safe, the snapshot would read
+/// the new, empty-looking file, so the caller takes a new snapshot.
 #[allow(clippy::too_many_arguments)]
-fn snapshot_tables(
+fn open_snapshot(
     ctx: &WorkerContext,
     rt: &tokio::runtime::Runtime,
     info: &ConnInfo,
@@ -543,8 +576,7 @@ fn snapshot_tables(
     plan: &Plan<'_>,
     captured: (&str, Option<&[TableRef]>),
     stored: &HashMap<TableRef, StoredTable>,
-    dst_schema: &str,
-) -> Result<(), Stop> {
+) -> Result<Option<Snapshot>, Stop> {
     let cfg = replication_config(info, object, 0);
     let mut gate = block(rt, ReplicationClient::connect_gated(cfg))?
         .map_err(|e| Stop::Source(format!("replication connection: {e}")))?;
@@ -597,6 +629,14 @@ fn snapshot_tables(
     // tables without a finished copy), one dropped since is left to the
     // stream.
     let inside = block(rt, source::list_tables(&client, captured.0, captured.1))??;
+    let gone: Vec<TableRef> = copy
+        .iter()
+        .filter(|t| !inside.contains(t) && stored.contains_key(*t))
+        .cloned()
+        .collect();
+    if !gone.is_empty() {
+        settle_vanished(&ctx.name, &gone, consistent)?;
+    }
     let mut todo: Vec<TableRef> = copy
         .iter()
         .filter(|t| inside.contains(t))
@@ -625,6 +665,88 @@ fn snapshot_tables(
         }
     }
     let user_types = block(rt, source::describe_user_types(&client, &roots))??;
+    for shape in &shapes {
+        block(
+            rt,
+            client.batch_execute(&format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE",
+                sqlgen::qualified(&shape.table.schema, &shape.table.table)
+            )),
+        )?
+        .map_err(SourceError::from_pg)?;
+        let rewritten: i64 = block(
+            rt,
+            client.query_one(
+                "SELECT count(*) FROM pg_catalog.pg_class c
+                  WHERE c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::oid::regclass))
+                    AND c.relfilenode <> 0
+                    AND c.relfilenode IS DISTINCT FROM pg_catalog.pg_relation_filenode(c.oid)",
+                &[&shape.oid],
+            ),
+        )?
+        .map_err(SourceError::from_pg)?
+        .get(0);
+        if rewritten > 0 {
+            pgrx::log!(
+                "synchdb: connector \"{}\": {} was rewritten on the source just after the snapshot was taken; taking a new snapshot",
+                ctx.name,
+                shape.table
+            );
+            return Ok(None);
+        }
+    }
+    Ok(Some(Snapshot {
+        gate,
+        client,
+        consistent,
+        shapes,
+        user_types,
+        names,
+    }))
+}
+
+/// Copies tables inside one snapshot exported by a temporary slot. Which
+/// tables exist and their shapes are read inside that snapshot too (a table
+/// created or dropped, or a column changed, just before it cannot slip
+/// between the shape and the rows). Each table is loaded and marked ready
+/// (with the slot's consistent point) in its own destination transaction, so
+/// an interrupted copy leaves nothing half-done and is redone cleanly on the
+/// next start.
+#[allow(clippy::too_many_arguments)]
+fn snapshot_tables(
+    ctx: &WorkerContext,
+    rt: &tokio::runtime::Runtime,
+    info: &ConnInfo,
+    object: &str,
+    copy: &[TableRef],
+    plan: &Plan<'_>,
+    captured: (&str, Option<&[TableRef]>),
+    stored: &HashMap<TableRef, StoredTable>,
+    dst_schema: &str,
+) -> Result<(), Stop> {
+    let mut tries = 0;
+    let Snapshot {
+        gate,
+        client,
+        consistent,
+        shapes,
+        user_types,
+        names,
+    } = loop {
+        tries += 1;
+        if let Some(snap) = open_snapshot(ctx, rt, info, object, copy, plan, captured, stored)? {
+            break snap;
+        }
+        if tries >= 5 {
+            return Err(Stop::Source(
+                "captured tables keep being rewritten while a snapshot starts; retrying".into(),
+            ));
+        }
+        // Ending the sessions drops the temporary slot and the snapshot.
+        block(rt, async {
+            tokio::time::sleep(Duration::from_millis(100)).await
+        })?;
+    };
 
     for shape in &shapes {
         if crate::worker::stopping() {
@@ -744,7 +866,7 @@ fn stream(
     dst_schema: &str,
     mode: Mode,
     copied_now: bool,
-    skip: &mut Option<(u64, u64)>,
+    skip: &mut Vec<(u64, u64)>,
 ) -> Result<(), Stop> {
     let slot = ctx.slot;
     crate::relcache::register();
@@ -775,7 +897,8 @@ fn stream(
         dst_schema,
         mode.captures_schema(),
     );
-    applier.skip = skip.take();
+    skip.retain(|(lsn, _)| *lsn >= start);
+    applier.skip = skip.clone();
     applier.can_resync = matches!(mode, Mode::Initial | Mode::Always);
     let mut last_check = Instant::now();
     let mut last_request_check = Instant::now();
@@ -1099,6 +1222,12 @@ impl apply::SourceCatalog for LiveCatalog<'_> {
             .map_err(stop_text)?
             .map_err(|e| e.to_string())?;
         Ok((shape, types))
+    }
+
+    fn relation_name(&mut self, relid: u32) -> Result<Option<TableRef>, String> {
+        block(self.rt, source::relation_name(&self.client, relid))
+            .map_err(stop_text)?
+            .map_err(|e| e.to_string())
     }
 
     fn column_default(&mut self, relid: u32, column: &str) -> Result<Option<String>, String> {

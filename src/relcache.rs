@@ -31,7 +31,11 @@ unsafe extern "C-unwind" fn on_invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oi
     }
     PENDING.with(|p| {
         if let Ok(mut p) = p.try_borrow_mut() {
-            if !p.contains(&relid) {
+            if p.len() >= MAX_PENDING {
+                // Too many to track one by one: treat as a reset.
+                p.clear();
+                ALL.with(|a| a.set(true));
+            } else if !p.contains(&relid) {
                 p.push(relid);
             }
         } else {
@@ -39,6 +43,9 @@ unsafe extern "C-unwind" fn on_invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oi
         }
     });
 }
+
+/// Tables tracked one by one before invalidations count as a reset.
+const MAX_PENDING: usize = 64;
 
 /// Registers the callback (once per process).
 pub fn register() {
@@ -68,8 +75,9 @@ pub fn forget(relid: pg_sys::Oid) {
     });
 }
 
-/// Whether `relid` (or everything) was invalidated and not yet taken.
+/// Whether `relid` was invalidated and not yet taken. (A reset of every
+/// relation is not counted: the applier locks each table and re-reads it
+/// after a reset before it writes into it.)
 pub fn is_pending(relid: pg_sys::Oid) -> bool {
-    ALL.with(|a| a.get())
-        || PENDING.with(|p| p.try_borrow().map(|p| p.contains(&relid)).unwrap_or(true))
+    PENDING.with(|p| p.try_borrow().map(|p| p.contains(&relid)).unwrap_or(true))
 }

@@ -378,6 +378,19 @@ pub fn mark_for_copy(connector: &str, t: &TableRef) {
     );
 }
 
+/// Marks a table whose copy was pending as done at `lsn` without copying
+/// it: it no longer exists on the source (or is no longer captured), so
+/// its changes older than `lsn` must not be applied (nor start another copy).
+pub fn mark_ready_at(connector: &str, t: &TableRef, lsn: u64) {
+    update_state(
+        "UPDATE public.synchdb_table_state SET state = 'ready', sync_lsn = $4::pg_lsn
+          WHERE name = $1 AND src_schema = $2 AND src_table = $3",
+        connector,
+        t,
+        crate::lsn::format_lsn(lsn).as_str().into(),
+    );
+}
+
 /// Prepares an existing destination table (created by this connector) for
 /// a fresh copy of `shape`: emptied, source columns the source no longer has
 /// dropped, missing ones added, changed types and NOT NULL set again; the
@@ -420,6 +433,22 @@ pub fn reshape_for_copy(
             ColumnChange::Add { .. } | ColumnChange::Retype { .. } => {}
         }
     }
+    // The primary key follows the source's; a key where the source has
+    // none is the DBA's and stays.
+    let pk = primary_key_columns(dst_schema, dst_table);
+    let drop_pk = !shape.primary_key.is_empty() && !pk.is_empty() && pk != shape.primary_key;
+    if drop_pk {
+        if let Ok(Some(con)) = Spi::get_one_with_args::<String>(
+            "SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid = $1::regclass AND contype = 'p'",
+            &[target.as_str().into()],
+        ) {
+            run(&format!(
+                "ALTER TABLE {target} DROP CONSTRAINT {}",
+                sqlgen::quote_ident(&con)
+            ));
+        }
+    }
+    let kept_pk: Vec<String> = if drop_pk { Vec::new() } else { pk.clone() };
     let dest = dest_columns(dst_schema, dst_table);
     for d in &dest {
         let in_source = shape.columns.iter().any(|c| c.name == d.name);
@@ -459,29 +488,14 @@ pub fn reshape_for_copy(
                 }
             }
         }
-        if c.generated.is_none() {
+        if c.generated.is_none() && (c.not_null || !kept_pk.contains(&c.name)) {
             run(&format!(
                 "ALTER TABLE {target} ALTER COLUMN {col} {} NOT NULL",
                 if c.not_null { "SET" } else { "DROP" }
             ));
         }
     }
-    let pk = primary_key_columns(dst_schema, dst_table);
-    if pk == shape.primary_key {
-        return false;
-    }
-    if !pk.is_empty() {
-        if let Ok(Some(con)) = Spi::get_one_with_args::<String>(
-            "SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid = $1::regclass AND contype = 'p'",
-            &[target.as_str().into()],
-        ) {
-            run(&format!(
-                "ALTER TABLE {target} DROP CONSTRAINT {}",
-                sqlgen::quote_ident(&con)
-            ));
-        }
-    }
-    !shape.primary_key.is_empty()
+    !shape.primary_key.is_empty() && pk != shape.primary_key
 }
 
 /// `format_type` of a type as SQL names it (resolved here; without typmod,

@@ -254,6 +254,23 @@ pub async fn table_oids(
     Ok(out)
 }
 
+/// The current name of source relation `oid`, if it still exists.
+pub async fn relation_name(client: &Client, oid: u32) -> Result<Option<TableRef>, SourceError> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(SourceError::from_pg)?;
+    Ok(row.map(|r| TableRef {
+        schema: r.get(0),
+        table: r.get(1),
+    }))
+}
+
 /// Reads a table's columns (names, exact types, NOT NULL) and primary key.
 pub async fn describe_table(client: &Client, t: &TableRef) -> Result<SourceTable, SourceError> {
     let cols = client
@@ -373,6 +390,17 @@ pub async fn ensure_publication(
         .await
         .map_err(SourceError::from_pg)?;
     Ok(())
+}
+
+/// The source's current WAL insert position: every transaction committed
+/// so far has a commit LSN below it.
+pub async fn current_wal_lsn(client: &Client) -> Result<u64, SourceError> {
+    let s: String = client
+        .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(SourceError::from_pg)?
+        .get(0);
+    crate::lsn::parse_lsn(&s).map_err(|e| SourceError::Query(format!("bad WAL position {s}: {e}")))
 }
 
 /// Whether the connector's slot exists, and its confirmed position.

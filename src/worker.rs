@@ -198,23 +198,17 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
 }
 
 /// The name of connector `name`'s slot and publication on the source and
-/// of its replication origin here: unique per destination cluster and
-/// database. A connector that already ran under the name earlier versions
-/// used (`synchdb_<name>`, with its origin in this cluster and table states
-/// in this database) keeps it, so its slot and position stay valid.
+/// of its replication origin here, chosen when the connector was added
+/// (`synchdb_objects`). A connector without a recorded name (created before
+/// names were recorded) keeps the name those versions used.
 pub fn object_name(name: &str) -> String {
-    let legacy = conninfo::source_object_name(name);
-    let kept = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)
-            AND EXISTS (SELECT 1 FROM public.synchdb_table_state WHERE name = $2)",
-        &[legacy.as_str().into(), name.into()],
-    );
-    if matches!(kept, Ok(Some(true))) {
-        return legacy;
+    match Spi::get_one_with_args::<String>(
+        "SELECT object_name FROM public.synchdb_objects WHERE name = $1",
+        &[name.into()],
+    ) {
+        Ok(Some(n)) => n,
+        _ => conninfo::source_object_name(name),
     }
-    let system_id = unsafe { pg_sys::GetSystemIdentifier() };
-    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    conninfo::unique_object_name(name, system_id, db)
 }
 
 /// Drops the connector's replication slot and publication on the source

@@ -1162,7 +1162,23 @@ impl Chaos {
             _ => {
                 self.note(format!("FAULT source restart [{}]", self.state_line()));
                 self.src = None;
-                self.pair.src.restart();
+                // A fast shutdown waits for every walsender to see its WAL
+                // confirmed; the connector must answer promptly.
+                let started = Instant::now();
+                self.pair.src.stop("fast");
+                let pidfile = self.pair.src.dir().join("data/postmaster.pid");
+                while pidfile.exists() && started.elapsed() < Duration::from_secs(180) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let took = started.elapsed();
+                self.pair.src.start();
+                if took > Duration::from_secs(30) {
+                    return Err(format!(
+                        "wedge: the source's fast shutdown took {took:?} (its walsender waited \
+                         for the connector to confirm the WAL it was sent) [{}]",
+                        self.state_line()
+                    ));
+                }
             }
         }
         Ok(())
@@ -1535,15 +1551,27 @@ fn report(seed: u64, secs: u64, cause: &str, chaos: Option<&Chaos>) -> String {
         out.push_str(&clip(l, 1500));
         out.push('\n');
     }
-    // Runs of the same message (after the timestamp and pid) are shown once.
-    let log = c.pair.dst.log_contents();
+    out.push_str(&log_section(
+        &format!("destination log of seed {seed}, synchdb lines"),
+        &c.pair.dst.log_contents(),
+        &["synchdb", "terminated by signal", "PANIC", "was terminated"],
+        150,
+    ));
+    out.push_str(&log_section(
+        &format!("source log of seed {seed}, replication lines"),
+        &c.pair.src.log_contents(),
+        &["walsender", "replication", "shut down", "PANIC", "FATAL"],
+        40,
+    ));
+    out.push_str(&format!("==== end of chaos seed {seed}\n"));
+    out
+}
+
+/// The last `last` lines of a server log that contain one of `words`,
+/// runs of the same message (after the timestamp and pid) folded.
+fn log_section(title: &str, log: &str, words: &[&str], last: usize) -> String {
     let mut lines: Vec<(String, usize)> = Vec::new();
-    for l in log.lines().filter(|l| {
-        l.contains("synchdb")
-            || l.contains("terminated by signal")
-            || l.contains("PANIC")
-            || l.contains("was terminated")
-    }) {
+    for l in log.lines().filter(|l| words.iter().any(|w| l.contains(w))) {
         // Loops alternate between a few messages: fold against the last three.
         let key = |l: &str| l.split_once("] ").map(|x| x.1.to_string());
         let from = lines.len().saturating_sub(3);
@@ -1555,18 +1583,17 @@ fn report(seed: u64, secs: u64, cause: &str, chaos: Option<&Chaos>) -> String {
             None => lines.push((l.to_string(), 1)),
         }
     }
-    out.push_str(&format!(
-        "---- destination log of seed {seed}, synchdb lines (last 150 of {}, repeated messages folded)\n",
+    let mut out = format!(
+        "---- {title} (last {last} of {}, repeated messages folded)\n",
         lines.len()
-    ));
-    for (l, n) in &lines[lines.len().saturating_sub(150)..] {
+    );
+    for (l, n) in &lines[lines.len().saturating_sub(last)..] {
         out.push_str(&clip(l, 600));
         if *n > 1 {
             out.push_str(&format!("  (x{n})"));
         }
         out.push('\n');
     }
-    out.push_str(&format!("==== end of chaos seed {seed}\n"));
     out
 }
 

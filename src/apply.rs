@@ -305,7 +305,7 @@ impl<'c> Applier<'c> {
             Message::Relation(rel) => self.relation(rel),
             Message::Insert { rel_id, new } => {
                 if self.take_change("INSERT", wal_start) {
-                    self.change(rel_id, |a, e| a.insert(e, &new));
+                    self.change(rel_id, |a, e| a.insert(e, new));
                     self.counters.inserts += 1;
                 }
             }
@@ -977,14 +977,18 @@ impl<'c> Applier<'c> {
         plan
     }
 
-    fn insert(&mut self, rel_id: u32, new: &[TupleValue]) {
+    fn insert(&mut self, rel_id: u32, new: Vec<TupleValue>) {
         let entry = &self.rels[&rel_id];
         if let Some(t) = entry.direct {
-            let mut text = Vec::new();
+            let mut text = text_buffer(&[&new]);
             let vals = attr_inputs(entry, (0..new.len()).map(|i| (i, &new[i])), &mut text);
+            // The values are copied: let go of the message (a large value
+            // is then held once by this change, not twice).
+            drop(new);
             direct::insert(&t, self.change_cxt.value(), &mut text, &vals);
             return;
         }
+        let new = &new[..];
         let cols: Vec<usize> = (0..entry.rel.columns.len())
             .filter(|i| !matches!(new.get(*i), Some(TupleValue::Unchanged) | None))
             .collect();
@@ -1030,7 +1034,7 @@ impl<'c> Applier<'c> {
                 None => new,
             };
             let keys = Self::key_columns(entry);
-            let mut text = Vec::new();
+            let mut text = text_buffer(&[key_src, new]);
             let key = attr_inputs(
                 entry,
                 keys.iter().filter_map(|i| key_src.get(*i).map(|v| (*i, v))),
@@ -1107,7 +1111,7 @@ impl<'c> Applier<'c> {
         let entry = &self.rels[&rel_id];
         if let (Some(t), OldKind::Key) = (entry.direct.filter(|t| t.has_key()), old.0) {
             let keys = Self::key_columns(entry);
-            let mut text = Vec::new();
+            let mut text = text_buffer(&[&old.1]);
             let key = attr_inputs(
                 entry,
                 keys.iter().filter_map(|i| old.1.get(*i).map(|v| (*i, v))),
@@ -1319,6 +1323,20 @@ fn target_of(e: &RelEntry) -> TableTarget {
         src_relid: 0,
         src_columns: None,
     })
+}
+
+/// A buffer for the NUL-terminated texts of a change's values, allocated
+/// once at its final size (a large value is not copied through doublings).
+fn text_buffer(rows: &[&[TupleValue]]) -> Vec<u8> {
+    let n = rows
+        .iter()
+        .flat_map(|r| r.iter())
+        .map(|v| match v {
+            TupleValue::Text(b) => b.len() + 1,
+            _ => 0,
+        })
+        .sum();
+    Vec::with_capacity(n)
 }
 
 /// The destination attribute inputs of the given source columns, their

@@ -1009,7 +1009,10 @@ fn stream(
             ReplicationEvent::XLogData {
                 wal_start, data, ..
             } => {
-                match decode::decode_bytes(&data) {
+                let decoded = decode::decode_bytes(&data);
+                // The message's values are slices of `data`: only they keep it now.
+                drop(data);
+                match decoded {
                     Ok(msg) => applier.apply(msg, wal_start.as_u64()),
                     Err(e) => pgrx::error!(
                         "malformed pgoutput message at {}: {e}",

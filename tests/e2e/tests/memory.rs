@@ -43,10 +43,10 @@ fn started(pair: &Pair) -> i32 {
 /// Bytes the source has sent to the connector's walsender so far.
 fn sent_lsn(pair: &Pair) -> String {
     pair.src
-        .query_one_string(&format!(
+        .query_one_string(
             "SELECT coalesce(max(sent_lsn)::text, '0/0') FROM pg_stat_replication
-              WHERE application_name = 'synchdb'"
-        ))
+              WHERE application_name = 'synchdb'",
+        )
         .unwrap_or_default()
 }
 

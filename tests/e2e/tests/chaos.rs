@@ -37,7 +37,16 @@ const NOKEY_SHAPE: &str = "(id int, s text, big text, m public.mood)";
 
 const DEFAULT_SEEDS: &[u64] = &[1, 2, 3];
 const DEFAULT_SECS: u64 = 60;
-const DEFAULT_SETTLE_SECS: u64 = 180;
+const DEFAULT_SETTLE_SECS: u64 = 120;
+
+/// When the installed library last changed: a report says so when the
+/// extension was reinstalled while the seed ran.
+fn library_mtime() -> Option<std::time::SystemTime> {
+    let lib = std::path::Path::new(BIN)
+        .with_file_name("lib")
+        .join("synchdb.so");
+    std::fs::metadata(lib).and_then(|m| m.modified()).ok()
+}
 
 /// splitmix64: small, seedable, good enough to drive a workload.
 struct Rng(u64);
@@ -207,6 +216,7 @@ struct Chaos {
     last_err: String,
     /// Operations left out (`SYNCHDB_CHAOS_SKIP`), to narrow a failure down.
     skip: Vec<String>,
+    library: Option<std::time::SystemTime>,
 }
 
 impl Chaos {
@@ -222,6 +232,7 @@ impl Chaos {
             rejected: 0,
             faults: 0,
             last_err: "no error".into(),
+            library: library_mtime(),
             skip: std::env::var("SYNCHDB_CHAOS_SKIP")
                 .unwrap_or_default()
                 .split(',')
@@ -1512,6 +1523,15 @@ fn report(seed: u64, secs: u64, cause: &str, chaos: Option<&Chaos>) -> String {
         out.push_str("(no step log: the clusters could not be set up)\n");
         return out;
     };
+    if library_mtime() != c.library {
+        out.push_str(
+            "NOTE: synchdb.so was reinstalled while this seed ran; the failure may come from \
+             mixing two versions (run the seed again)\n",
+        );
+    }
+    if !c.skip.is_empty() {
+        out.push_str(&format!("SYNCHDB_CHAOS_SKIP={}\n", c.skip.join(",")));
+    }
     let seen: Vec<&String> = c.log.iter().filter(|l| l.contains("[state]")).collect();
     if !seen.is_empty() {
         out.push_str("err changes seen during the run:\n");

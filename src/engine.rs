@@ -373,6 +373,14 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
             }
         }
         let user_types = block(rt, source::describe_user_types(&client, &roots))??;
+        pgtxn::run(|| {
+            schema::ensure_user_types(&user_types, &dst_schema);
+            schema::add_enum_labels(&user_types, &dst_schema)
+        })
+        .map_err(|e| Stop::Apply {
+            msg: format!("creating types in {dst_schema}: {e}"),
+            at: None,
+        })?;
         for shape in &shapes {
             let t = &shape.table;
             let dst = stored
@@ -748,6 +756,17 @@ fn snapshot_tables(
         })?;
     };
 
+    // Labels added to source enums since their destination copies were
+    // made; in a transaction of their own, as a new label cannot be used in
+    // the transaction that adds it.
+    pgtxn::run(|| {
+        schema::ensure_user_types(&user_types, dst_schema);
+        schema::add_enum_labels(&user_types, dst_schema)
+    })
+    .map_err(|e| Stop::Apply {
+        msg: format!("preparing the types of the snapshot: {e}"),
+        at: None,
+    })?;
     for shape in &shapes {
         if crate::worker::stopping() {
             return Err(Stop::Shutdown);
@@ -1098,9 +1117,11 @@ fn stream(
 /// snapshot, with its own sync LSN: the stream skips what the copy holds),
 /// into the same destination table.
 fn resync_table(ctx: &WorkerContext, table: &TableRef, target: &TableTarget) -> Result<(), Stop> {
-    pgtxn::run(|| schema::mark_for_copy(&ctx.name, table)).map_err(|e| Stop::Apply {
-        msg: format!("preparing a fresh copy of {table}: {e}"),
-        at: None,
+    pgtxn::run(|| schema::mark_for_copy(&ctx.name, table, target.src_relid)).map_err(|e| {
+        Stop::Apply {
+            msg: format!("preparing a fresh copy of {table}: {e}"),
+            at: None,
+        }
     })?;
     ctx.slot.stats(|s| s.ddls += 1);
     pgrx::log!(

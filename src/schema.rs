@@ -368,13 +368,19 @@ pub fn set_src_columns(connector: &str, t: &TableRef, cols: &[String]) {
 /// Marks a table's copy as not done: the next start copies it again into
 /// the same destination table (emptied and reshaped, the DBA's columns,
 /// indexes and triggers kept).
-pub fn mark_for_copy(connector: &str, t: &TableRef) {
+/// The table is found by its source OID when known: the name may be one
+/// the stream announced in the very transaction that was rolled back.
+pub fn mark_for_copy(connector: &str, t: &TableRef, src_relid: u32) {
     update_state(
         "UPDATE public.synchdb_table_state SET state = 'schema', sync_lsn = '0/0'
-          WHERE name = $1 AND src_schema = $2 AND src_table = $3 AND $4",
+          WHERE name = $1
+            AND CASE WHEN $4 <> 0 AND EXISTS (SELECT 1 FROM public.synchdb_table_state
+                                               WHERE name = $1 AND src_relid = $4::bigint::oid)
+                     THEN src_relid = $4::bigint::oid
+                     ELSE src_schema = $2 AND src_table = $3 END",
         connector,
         t,
-        true.into(),
+        i64::from(src_relid).into(),
     );
 }
 

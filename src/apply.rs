@@ -64,6 +64,8 @@ pub fn reset_origin(origin: &str, lsn: u64) -> Result<(), String> {
 pub trait SourceCatalog {
     /// The shape of a source table and the user-defined types it uses.
     fn describe(&mut self, table: &TableRef) -> Result<(SourceTable, Vec<UserType>), String>;
+    /// The enum types (with their labels) among source type OIDs.
+    fn enum_types(&mut self, oids: &[u32]) -> Result<Vec<UserType>, String>;
     /// The current name of a source relation, if it still exists.
     fn relation_name(&mut self, relid: u32) -> Result<Option<TableRef>, String>;
     /// The default expression of a source column, if it has one.
@@ -360,20 +362,34 @@ impl<'c> Applier<'c> {
         true
     }
 
+    /// The source type OIDs of the columns of the relation of the last
+    /// change (taken before an abort forgets the relation).
+    pub fn current_type_oids(&self) -> Vec<u32> {
+        self.current_rel_id
+            .and_then(|id| self.rels.get(&id))
+            .map(|e| e.rel.columns.iter().map(|c| c.type_oid).collect())
+            .unwrap_or_default()
+    }
+
     /// Adds to the destination's enum types the labels the source added
     /// since they were created (`ALTER TYPE ... ADD VALUE` is not in the
-    /// stream), for the table of the last change. Runs in its own
-    /// transaction; returns how many labels were added.
-    pub fn sync_enum_labels(&mut self) -> Result<usize, String> {
-        let Some(key) = self.current_table() else {
+    /// stream), for the enum types among `type_oids` (source OIDs). Runs in
+    /// its own transaction; returns how many labels were added.
+    pub fn sync_enum_labels(&mut self, type_oids: &[u32]) -> Result<usize, String> {
+        let oids: Vec<u32> = type_oids
+            .iter()
+            .copied()
+            .filter(|o| *o >= FIRST_NORMAL_OID)
+            .collect();
+        if oids.is_empty() {
             return Ok(0);
-        };
+        }
         let dst_schema = self
-            .targets
-            .get(&key)
+            .current_table()
+            .and_then(|k| self.targets.get(&k))
             .map(|t| t.dst_schema.clone())
             .unwrap_or_else(|| self.dst_schema.clone());
-        let (_, types) = self.catalog.describe(&key)?;
+        let types = self.catalog.enum_types(&oids)?;
         crate::pgtxn::run(|| schema::add_enum_labels(&types, &dst_schema))
     }
 

@@ -1091,6 +1091,7 @@ fn stream(
                 let at = applier.failed_change();
                 let e = format!("{e} ({})", applier.context());
                 let resync = applier.resync.take();
+                let type_oids = applier.current_type_oids();
                 applier.abort();
                 drop(client);
                 if let Some((table, target)) = resync {
@@ -1101,7 +1102,7 @@ fn stream(
                     return Err(Stop::Restart);
                 }
                 if e.contains("invalid input value for enum") {
-                    if let Ok(n) = applier.sync_enum_labels() {
+                    if let Ok(n) = applier.sync_enum_labels(&type_oids) {
                         if n > 0 {
                             return Err(Stop::Restart);
                         }
@@ -1246,6 +1247,12 @@ impl apply::SourceCatalog for LiveCatalog<'_> {
             .map_err(stop_text)?
             .map_err(|e| e.to_string())?;
         Ok((shape, types))
+    }
+
+    fn enum_types(&mut self, oids: &[u32]) -> Result<Vec<source::UserType>, String> {
+        block(self.rt, source::enum_types(&self.client, oids))
+            .map_err(stop_text)?
+            .map_err(|e| e.to_string())
     }
 
     fn relation_name(&mut self, relid: u32) -> Result<Option<TableRef>, String> {

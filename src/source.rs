@@ -254,6 +254,31 @@ pub async fn table_oids(
     Ok(out)
 }
 
+/// The enum types among the given type OIDs (arrays count as their
+/// element type), with their labels in order: types are found by OID, so a
+/// column dropped or a table renamed since does not hide them.
+pub async fn enum_types(client: &Client, oids: &[u32]) -> Result<Vec<UserType>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT t.typname::text, array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
+               FROM pg_catalog.pg_type t
+               JOIN pg_catalog.pg_enum e ON e.enumtypid = t.oid
+              WHERE t.oid IN (SELECT CASE WHEN a.typcategory = 'A' THEN a.typelem ELSE a.oid END
+                                FROM pg_catalog.pg_type a WHERE a.oid = ANY ($1))
+              GROUP BY t.oid, t.typname",
+            &[&oids],
+        )
+        .await
+        .map_err(SourceError::from_pg)?;
+    Ok(rows
+        .iter()
+        .map(|r| UserType::Enum {
+            name: r.get(0),
+            labels: r.get(1),
+        })
+        .collect())
+}
+
 /// The current name of source relation `oid`, if it still exists.
 pub async fn relation_name(client: &Client, oid: u32) -> Result<Option<TableRef>, SourceError> {
     let row = client

@@ -242,8 +242,21 @@ impl Chaos {
         }
     }
 
+    /// Adds to the step log, with the UTC time of day (as in the servers'
+    /// logs) to line the two up.
     fn note(&mut self, s: String) {
-        self.log.push(format!("#{} {s}", self.step));
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() % 86_400_000)
+            .unwrap_or(0);
+        self.log.push(format!(
+            "#{} {:02}:{:02}:{:02}.{:03} {s}",
+            self.step,
+            ms / 3_600_000,
+            ms / 60_000 % 60,
+            ms / 1000 % 60,
+            ms % 1000
+        ));
     }
 
     // --- the source connection of the workload -------------------------

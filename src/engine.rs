@@ -325,11 +325,21 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     }
     // A copy pending for a table that no longer exists on the source (or is
     // no longer captured) can never happen: its older changes are skipped.
-    let vanished: Vec<TableRef> = stored
-        .iter()
-        .filter(|(t, s)| !s.ready && !tables.contains(t))
-        .map(|(t, _)| t.clone())
-        .collect();
+    let mut vanished: Vec<TableRef> = Vec::new();
+    for (t, s) in &stored {
+        if s.ready || tables.contains(t) {
+            continue;
+        }
+        // Found by OID: a table renamed to a captured name is not gone.
+        if s.src_relid != 0 {
+            if let Some(now) = block(rt, source::relation_name(&client, s.src_relid))?? {
+                if tables.contains(&now) {
+                    continue;
+                }
+            }
+        }
+        vanished.push(t.clone());
+    }
     if !vanished.is_empty() {
         let now = block(rt, source::current_wal_lsn(&client))??;
         settle_vanished(&ctx.name, &vanished, now)?;
@@ -637,11 +647,19 @@ fn open_snapshot(
     // tables without a finished copy), one dropped since is left to the
     // stream.
     let inside = block(rt, source::list_tables(&client, captured.0, captured.1))??;
-    let gone: Vec<TableRef> = copy
-        .iter()
-        .filter(|t| !inside.contains(t) && stored.contains_key(*t))
-        .cloned()
-        .collect();
+    let mut gone: Vec<TableRef> = Vec::new();
+    for t in copy.iter().filter(|t| !inside.contains(t)) {
+        let Some(s) = stored.get(t) else { continue };
+        if s.src_relid != 0 {
+            if let Some(now) = block(rt, source::relation_name(&client, s.src_relid))?? {
+                if inside.contains(&now) {
+                    // Renamed: the next start follows the rename.
+                    continue;
+                }
+            }
+        }
+        gone.push(t.clone());
+    }
     if !gone.is_empty() {
         settle_vanished(&ctx.name, &gone, consistent)?;
     }

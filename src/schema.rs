@@ -190,16 +190,19 @@ pub fn add_enum_labels(types: &[UserType], dst_schema: &str) -> usize {
             Ok::<_, pgrx::spi::Error>(out)
         })
         .unwrap_or_default();
+        let mut have = have;
         for (i, label) in labels.iter().enumerate() {
             if have.contains(label) {
                 continue;
             }
-            let place = match i.checked_sub(1).and_then(|p| labels.get(p)) {
-                Some(prev) => format!(" AFTER {}", sqlgen::quote_literal(prev)),
-                None => match labels.get(1) {
-                    Some(next) => format!(" BEFORE {}", sqlgen::quote_literal(next)),
-                    None => String::new(),
-                },
+            // Placed after the nearest earlier label the destination has,
+            // else before the nearest later one.
+            let after = labels[..i].iter().rev().find(|l| have.contains(l));
+            let before = labels[i + 1..].iter().find(|l| have.contains(l));
+            let place = match (after, before) {
+                (Some(prev), _) => format!(" AFTER {}", sqlgen::quote_literal(prev)),
+                (None, Some(next)) => format!(" BEFORE {}", sqlgen::quote_literal(next)),
+                (None, None) => String::new(),
             };
             run(&format!(
                 "ALTER TYPE {} ADD VALUE IF NOT EXISTS {}{place}",
@@ -207,6 +210,7 @@ pub fn add_enum_labels(types: &[UserType], dst_schema: &str) -> usize {
                 sqlgen::quote_literal(label)
             ));
             pgrx::log!("synchdb: added label {label:?} to enum {dst_schema}.{name}");
+            have.push(label.clone());
             added += 1;
         }
     }

@@ -178,11 +178,13 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
     // every name the worker uses is schema-qualified. Rows are found through
     // the key's index whenever there is one (as native apply does): a plan
     // made when a small table looked cheaper to scan would stay a scan as
-    // the table fills with dead row versions. Text from the source is read
+    // the table fills with dead row versions; with no index a scan costs
+    // "disabled" (1e10), which would make every execution compile itself
+    // with JIT (seconds per change): jit is off. Text from the source is read
     // under the same settings it was written with (see source::PINNED_OPTIONS).
     let settings = crate::pgtxn::run(|| {
         Spi::run(
-            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET datestyle = 'ISO'; SET intervalstyle = 'postgres'; SET lc_monetary = 'C'; SET standard_conforming_strings = on",
+            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off; SET datestyle = 'ISO'; SET intervalstyle = 'postgres'; SET lc_monetary = 'C'; SET standard_conforming_strings = on",
         )
     });
     if !matches!(settings, Ok(Ok(()))) {

@@ -1120,9 +1120,17 @@ fn stream(
                     return Err(Stop::Restart);
                 }
                 if e.contains("invalid input value for enum") {
-                    if let Ok(n) = applier.sync_enum_labels(&type_oids) {
-                        if n > 0 {
-                            return Err(Stop::Restart);
+                    match applier.sync_enum_labels(&type_oids) {
+                        Ok(n) if n > 0 => return Err(Stop::Restart),
+                        Ok(_) => pgrx::log!(
+                            "synchdb: connector \"{}\": no enum label to add for types {type_oids:?}",
+                            ctx.name
+                        ),
+                        // The source is unavailable: retried like any source problem.
+                        Err(err) => {
+                            return Err(Stop::Source(format!(
+                                "reading the source's enum labels after \"{e}\": {err}"
+                            )))
                         }
                     }
                 }

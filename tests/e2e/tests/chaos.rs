@@ -35,7 +35,14 @@ const KEYED_SHAPES: &[&str] = &[
 ];
 const NOKEY_SHAPE: &str = "(id int, s text, big text, m public.mood)";
 
-const DEFAULT_SEEDS: &[u64] = &[1, 2, 3];
+/// Seeds run by `cargo test` (and CI): each found a bug that is fixed, and
+/// stays as a regression test. 1, 2: a table marked for a fresh copy looked
+/// up by a name from a rolled-back transaction (endless re-copy), enum
+/// labels missing in the snapshot and in the stream; 3: an enum label placed
+/// before one the destination did not have yet; 7: JIT compiling every
+/// prepared change (stalled stream, source shutdown waiting 48 s); 9: a
+/// table renamed while stopped taken for gone (its changes skipped).
+const DEFAULT_SEEDS: &[u64] = &[1, 2, 3, 7, 9];
 const DEFAULT_SECS: u64 = 60;
 const DEFAULT_SETTLE_SECS: u64 = 120;
 

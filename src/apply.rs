@@ -812,6 +812,31 @@ impl<'c> Applier<'c> {
                 })
                 .collect();
         }
+        // A primary key changed on the source (default replica identity:
+        // the key columns are flagged): the destination's key, and the rows
+        // it would now reject or let in twice, follow through a fresh copy.
+        if self.can_resync && rel.replica_identity == b'd' {
+            let mut src_key: Vec<String> = rel
+                .columns
+                .iter()
+                .filter(|c| c.is_key)
+                .map(|c| c.name.clone())
+                .collect();
+            if !src_key.is_empty() {
+                let mut dst_key = schema::primary_key_columns(&t.dst_schema, &t.dst_table);
+                src_key.sort();
+                dst_key.sort();
+                if src_key != dst_key {
+                    self.resync = Some((key.clone(), t.clone()));
+                    self.counters.ddl += 1;
+                    pgrx::error!(
+                        "the primary key of source table {key} is ({}), the destination's is ({}); the table is copied again",
+                        src_key.join(", "),
+                        dst_key.join(", ")
+                    );
+                }
+            }
+        }
         if changes.is_empty() {
             if t.src_columns.as_ref() != Some(&rel_names) {
                 t.src_columns = Some(rel_names.clone());

@@ -520,7 +520,7 @@ fn canonical_type(ty: &str) -> String {
 }
 
 /// The primary key columns of a destination table, in key order.
-fn primary_key_columns(schema: &str, table: &str) -> Vec<String> {
+pub fn primary_key_columns(schema: &str, table: &str) -> Vec<String> {
     let qualified = sqlgen::qualified(schema, table);
     Spi::connect(|c| {
         let rows = c.select(

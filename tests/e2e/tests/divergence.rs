@@ -1209,3 +1209,30 @@ fn c10_never_uses_the_table_as_is() {
     );
     assert_no_error(dst(&pair), NAME);
 }
+
+// ---------------------------------------------------------------------------
+// A primary key changed on the source: the destination's key follows (a
+// fresh copy), so rows the new key allows are not rejected.
+
+#[test]
+fn primary_key_changed_on_the_source() {
+    let pair = replicate(T_SETUP, "initial");
+    wait_equal(&pair, "t");
+    pair.src.execute(
+        "ALTER TABLE public.t DROP CONSTRAINT t_pkey;
+         ALTER TABLE public.t ALTER COLUMN v SET NOT NULL, ADD PRIMARY KEY (id, v);
+         INSERT INTO public.t VALUES (1, 11), (1, 12), (2, 21);
+         UPDATE public.t SET v = v + 1 WHERE id = 3;",
+    );
+    wait_equal(&pair, "t");
+    assert_eq!(
+        pair.dst.count(
+            "SELECT count(*) FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
+                 AND a.attnum = ANY (i.indkey)
+              WHERE i.indrelid = 'postgres.t'::regclass AND i.indisprimary"
+        ),
+        2,
+        "the destination key is (id, v)"
+    );
+    assert_no_error(dst(&pair), NAME);
+}

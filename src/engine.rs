@@ -790,12 +790,38 @@ fn snapshot_tables(
             return Err(Stop::Shutdown);
         }
         let t = &shape.table;
-        let dst = stored
-            .get(t)
+        // A table renamed after this start listed the tables: its state (and
+        // destination table) follow the rename, then it is copied into it.
+        let mut renamed: Option<StoredTable> = None;
+        if !stored.contains_key(t) {
+            if let Some((old, s)) = stored
+                .iter()
+                .find(|(k, s)| s.src_relid == shape.oid && *k != t)
+            {
+                let dst_table = pgtxn::run(|| {
+                    schema::follow_table_rename(&ctx.name, old, t, &s.dst_schema, &s.dst_table)
+                })
+                .map_err(|e| Stop::Apply {
+                    msg: format!("following the rename of {old} to {t}: {e}"),
+                    at: None,
+                })?;
+                pgrx::log!(
+                    "synchdb: connector \"{}\": source table {old} was renamed to {t}; {}.{dst_table} now receives it",
+                    ctx.name,
+                    s.dst_schema
+                );
+                renamed = Some(StoredTable {
+                    dst_table,
+                    ..s.clone()
+                });
+            }
+        }
+        let state = stored.get(t).or(renamed.as_ref());
+        let dst = state
             .map(|s| s.dst_table.clone())
             .or_else(|| names.get(t).cloned())
             .unwrap_or_else(|| t.table.clone());
-        let prev_cols = stored.get(t).and_then(|s| s.src_columns.clone());
+        let prev_cols = state.and_then(|s| s.src_columns.clone());
         let cols = stored_columns(shape);
         let col_refs: Vec<&str> = cols.iter().map(|s| s.as_str()).collect();
         let sql = sqlgen::copy_out(&t.schema, &t.table, &col_refs);

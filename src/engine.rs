@@ -704,7 +704,8 @@ fn open_snapshot(
             rt,
             client.query_one(
                 "SELECT count(*) FROM pg_catalog.pg_class c
-                  WHERE c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::oid::regclass))
+                  WHERE (c.oid = $1
+                         OR c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::oid::regclass)))
                     AND c.relfilenode <> 0
                     AND c.relfilenode IS DISTINCT FROM pg_catalog.pg_relation_filenode(c.oid)",
                 &[&shape.oid],

@@ -196,7 +196,10 @@ fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop>
 
 /// Source tables renamed while the connector was stopped keep their OID:
 /// their destination table and state row follow the new name instead of a
-/// new copy being made. Returns whether anything was renamed.
+/// new copy being made. States are matched to the captured tables by OID;
+/// a move waits until its new name is free (a table renamed away first), and
+/// the state of a table gone from the source gives way to a table renamed
+/// into its name. Returns whether anything was renamed.
 fn follow_renames(
     ctx: &WorkerContext,
     rt: &tokio::runtime::Runtime,
@@ -204,39 +207,65 @@ fn follow_renames(
     tables: &[TableRef],
     stored: &HashMap<TableRef, StoredTable>,
 ) -> Result<bool, Stop> {
-    let unknown: Vec<TableRef> = tables
-        .iter()
-        .filter(|t| !stored.contains_key(*t))
-        .cloned()
-        .collect();
-    let orphans: Vec<(&TableRef, &StoredTable)> = stored
-        .iter()
-        .filter(|(k, s)| s.src_relid != 0 && !tables.contains(*k))
-        .collect();
-    if unknown.is_empty() || orphans.is_empty() {
+    if stored.values().all(|s| s.src_relid == 0) {
         return Ok(false);
     }
-    let oids = block(rt, source::table_oids(client, &unknown))??;
+    let oids = block(rt, source::table_oids(client, tables))??;
+    let name_of: HashMap<u32, TableRef> = oids.iter().map(|(k, o)| (*o, k.clone())).collect();
+    let mut moves: Vec<(TableRef, TableRef, StoredTable)> = stored
+        .iter()
+        .filter(|(_, s)| s.src_relid != 0)
+        .filter_map(|(k, s)| {
+            name_of
+                .get(&s.src_relid)
+                .filter(|n| *n != k)
+                .map(|n| (k.clone(), n.clone(), s.clone()))
+        })
+        .collect();
+    if moves.is_empty() {
+        return Ok(false);
+    }
+    let mut occupied: Vec<TableRef> = stored.keys().cloned().collect();
     let mut renamed = false;
-    for t in &unknown {
-        let Some(oid) = oids.get(t) else { continue };
-        let Some((old, s)) = orphans.iter().find(|(_, s)| s.src_relid == *oid) else {
-            continue;
-        };
+    loop {
+        let next = moves
+            .iter()
+            .position(|(_, new, _)| !occupied.contains(new))
+            .or_else(|| {
+                // The name is held by the state of a table that is gone.
+                moves.iter().position(|(_, new, _)| {
+                    stored
+                        .get(new)
+                        .is_some_and(|s| s.src_relid != 0 && !name_of.contains_key(&s.src_relid))
+                })
+            });
+        let Some(i) = next else { break };
+        let (old, new, s) = moves.remove(i);
         let dst_table = pgtxn::run(|| {
-            schema::follow_table_rename(&ctx.name, old, t, &s.dst_schema, &s.dst_table)
+            if occupied.contains(&new) {
+                schema::forget_table(&ctx.name, &new);
+            }
+            schema::follow_table_rename(&ctx.name, &old, &new, &s.dst_schema, &s.dst_table)
         })
         .map_err(|e| Stop::Apply {
-            msg: format!("following the rename of {old} to {t}: {e}"),
+            msg: format!("following the rename of {old} to {new}: {e}"),
             at: None,
         })?;
         pgrx::log!(
-            "synchdb: connector \"{}\": source table {old} was renamed to {t} while stopped; {}.{} now receives it",
+            "synchdb: connector \"{}\": source table {old} was renamed to {new} while stopped; {}.{} now receives it",
             ctx.name,
             s.dst_schema,
             dst_table
         );
+        occupied.retain(|k| *k != old);
+        occupied.push(new);
         renamed = true;
+    }
+    for (old, new, _) in &moves {
+        pgrx::log!(
+            "synchdb: connector \"{}\": source table {old} is now named {new}, which another captured table's state holds; left as it is",
+            ctx.name
+        );
     }
     Ok(renamed)
 }
@@ -507,6 +536,13 @@ fn settle_vanished(connector: &str, tables: &[TableRef], lsn: u64) -> Result<(),
     .map_err(Stop::Fatal)
 }
 
+thread_local! {
+    /// Consecutive restarts because a table was renamed while a snapshot
+    /// started (bounded: a rename the next start cannot sort out is copied
+    /// as it is rather than restarting for ever).
+    static RENAME_RESTARTS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// What a start does with each table.
 struct Plan<'a> {
     mode: Mode,
@@ -576,6 +612,8 @@ struct Snapshot {
     shapes: Vec<SourceTable>,
     user_types: Vec<source::UserType>,
     names: HashMap<TableRef, String>,
+    /// The captured tables as of the snapshot.
+    inside: Vec<TableRef>,
 }
 
 /// Exports a snapshot and reads, inside it, which tables to copy and their
@@ -729,6 +767,7 @@ fn open_snapshot(
         shapes,
         user_types,
         names,
+        inside,
     }))
 }
 
@@ -759,6 +798,7 @@ fn snapshot_tables(
         shapes,
         user_types,
         names,
+        inside,
     } = loop {
         tries += 1;
         if let Some(snap) = open_snapshot(ctx, rt, info, object, copy, plan, captured, stored)? {
@@ -786,38 +826,35 @@ fn snapshot_tables(
         msg: format!("preparing the types of the snapshot: {e}"),
         at: None,
     })?;
+    let mut restart = false;
     for shape in &shapes {
         if crate::worker::stopping() {
             return Err(Stop::Shutdown);
         }
         let t = &shape.table;
-        // A table renamed after this start listed the tables: its state (and
-        // destination table) follow the rename, then it is copied into it.
-        let mut renamed: Option<StoredTable> = None;
-        if !stored.contains_key(t) {
-            if let Some((old, s)) = stored
-                .iter()
-                .find(|(k, s)| s.src_relid == shape.oid && *k != t)
-            {
-                let dst_table = pgtxn::run(|| {
-                    schema::follow_table_rename(&ctx.name, old, t, &s.dst_schema, &s.dst_table)
-                })
-                .map_err(|e| Stop::Apply {
-                    msg: format!("following the rename of {old} to {t}: {e}"),
-                    at: None,
-                })?;
-                pgrx::log!(
-                    "synchdb: connector \"{}\": source table {old} was renamed to {t}; {}.{dst_table} now receives it",
-                    ctx.name,
-                    s.dst_schema
-                );
-                renamed = Some(StoredTable {
-                    dst_table,
-                    ..s.clone()
-                });
+        // A table renamed after this start listed the tables (its OID held
+        // by another name's state), or a name now held by another table
+        // than its state's: the states are matched again by OID at the next
+        // start, which then copies it.
+        let moved = match stored.get(t) {
+            None => stored.values().any(|s| s.src_relid == shape.oid),
+            Some(s) if s.src_relid != 0 && s.src_relid != shape.oid => {
+                // Its table still exists under another captured name?
+                block(rt, source::relation_name(&client, s.src_relid))??
+                    .is_some_and(|n| n != *t && inside.contains(&n))
             }
+            Some(_) => false,
+        };
+        if moved && RENAME_RESTARTS.with(|c| c.get()) < 3 {
+            pgrx::log!(
+                "synchdb: connector \"{}\": {t} was renamed or replaced while the snapshot started; starting again",
+                ctx.name
+            );
+            RENAME_RESTARTS.with(|c| c.set(c.get() + 1));
+            restart = true;
+            continue;
         }
-        let state = stored.get(t).or(renamed.as_ref());
+        let state = stored.get(t);
         let dst = state
             .map(|s| s.dst_table.clone())
             .or_else(|| names.get(t).cloned())
@@ -890,6 +927,14 @@ fn snapshot_tables(
     }
     let _ = block(rt, client.batch_execute("COMMIT"));
     drop(client);
+    if restart {
+        drop(gate);
+        block(rt, async {
+            tokio::time::sleep(Duration::from_millis(20)).await
+        })?;
+        return Err(Stop::Restart);
+    }
+    RENAME_RESTARTS.with(|c| c.set(0));
     // Ending the session drops the temporary slot and the exported snapshot;
     // the runtime must run once more for the aborted tasks to close their
     // connections.

@@ -388,6 +388,18 @@ pub fn mark_for_copy(connector: &str, t: &TableRef, src_relid: u32) {
     );
 }
 
+/// Forgets the state of a source table that is gone (its name now belongs
+/// to a table renamed into it); its destination table stays.
+pub fn forget_table(connector: &str, t: &TableRef) {
+    update_state(
+        "DELETE FROM public.synchdb_table_state
+          WHERE name = $1 AND src_schema = $2 AND src_table = $3 AND $4",
+        connector,
+        t,
+        true.into(),
+    );
+}
+
 /// Marks a table whose copy was pending as done at `lsn` without copying
 /// it: it no longer exists on the source (or is no longer captured), so
 /// its changes older than `lsn` must not be applied (nor start another copy).

@@ -43,8 +43,10 @@ const NOKEY_SHAPE: &str = "(id int, s text, big text, m public.mood)";
 /// prepared change (stalled stream, source shutdown waiting 48 s); 9: a
 /// table renamed while stopped taken for gone (its changes skipped); 10: a
 /// table renamed while a snapshot started given a second state (its later
-/// rows applied into the stale destination table).
-const DEFAULT_SEEDS: &[u64] = &[1, 2, 3, 7, 9, 10];
+/// rows applied into the stale destination table); 19: a table rewritten
+/// just after the snapshot copied as empty; 21: a table renamed away and
+/// its name reused, the states matched by name instead of OID.
+const DEFAULT_SEEDS: &[u64] = &[1, 2, 3, 7, 9, 10, 19, 21];
 const DEFAULT_SECS: u64 = 60;
 const DEFAULT_SETTLE_SECS: u64 = 120;
 

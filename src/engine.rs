@@ -395,23 +395,7 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     if !schema_only.is_empty() {
         slot.set_stage(Stage::SchemaSync);
         slot.set_state(State::Syncing);
-        let mut shapes: Vec<SourceTable> = Vec::new();
-        for t in &schema_only {
-            match block(rt, source::describe_table(&client, t))? {
-                Ok(s) => shapes.push(s),
-                Err(SourceError::MissingTable(_)) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let mut roots: Vec<u32> = Vec::new();
-        for shape in &shapes {
-            for oid in source::user_type_roots(shape) {
-                if !roots.contains(&oid) {
-                    roots.push(oid);
-                }
-            }
-        }
-        let user_types = block(rt, source::describe_user_types(&client, &roots))??;
+        let (shapes, user_types) = describe_tables(rt, &client, &schema_only)?;
         pgtxn::run(|| {
             schema::ensure_user_types(&user_types, &dst_schema);
             schema::add_enum_labels(&user_types, &dst_schema)
@@ -520,6 +504,33 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
         copied_now,
         skip,
     )
+}
+
+/// The shapes of the given source tables (those that no longer exist left
+/// out) and the user-defined types they use, dependencies first.
+fn describe_tables(
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    tables: &[TableRef],
+) -> Result<(Vec<SourceTable>, Vec<source::UserType>), Stop> {
+    let mut shapes: Vec<SourceTable> = Vec::new();
+    for t in tables {
+        match block(rt, source::describe_table(client, t))? {
+            Ok(s) => shapes.push(s),
+            Err(SourceError::MissingTable(_)) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut roots: Vec<u32> = Vec::new();
+    for shape in &shapes {
+        for oid in source::user_type_roots(shape) {
+            if !roots.contains(&oid) {
+                roots.push(oid);
+            }
+        }
+    }
+    let user_types = block(rt, source::describe_user_types(client, &roots))??;
+    Ok((shapes, user_types))
 }
 
 /// Marks pending copies of tables gone from the source as done at `lsn`.
@@ -712,23 +723,7 @@ fn open_snapshot(
         }
     }
     let names = sqlgen::destination_names(&inside);
-    let mut shapes: Vec<SourceTable> = Vec::new();
-    for t in &todo {
-        match block(rt, source::describe_table(&client, t))? {
-            Ok(s) => shapes.push(s),
-            Err(SourceError::MissingTable(_)) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let mut roots: Vec<u32> = Vec::new();
-    for shape in &shapes {
-        for oid in source::user_type_roots(shape) {
-            if !roots.contains(&oid) {
-                roots.push(oid);
-            }
-        }
-    }
-    let user_types = block(rt, source::describe_user_types(&client, &roots))??;
+    let (shapes, user_types) = describe_tables(rt, &client, &todo)?;
     for shape in &shapes {
         block(
             rt,

@@ -512,3 +512,13 @@ pub fn sqlstate(r: Result<(), postgres::Error>) -> String {
             .unwrap_or_else(|| format!("no sqlstate: {e}")),
     }
 }
+
+/// Private (anonymous) resident memory of a process, in kB.
+pub fn rss_anon_kb(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("RssAnon:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}

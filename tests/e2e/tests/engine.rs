@@ -643,16 +643,6 @@ fn error_strategies_exit_skip_retry() {
     );
 }
 
-/// Private (anonymous) resident memory of a process, in kB.
-fn rss_anon_kb(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn memory_stays_bounded_during_a_huge_transaction() {
     let pair = Pair::new();

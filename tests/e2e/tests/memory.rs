@@ -9,16 +9,6 @@ use synchdb_e2e::*;
 
 const NAME: &str = "mem";
 
-/// Private (anonymous) resident memory of a process, in kB.
-fn rss_anon_kb(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 fn running_pid(pair: &Pair) -> i32 {
     wait_for_value(LONG, "a running worker", || {
         pair.state(NAME).filter(|s| s.pid > 0).map(|s| s.pid)

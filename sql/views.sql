@@ -57,3 +57,18 @@ REVOKE EXECUTE ON FUNCTION synchdb_pause_engine(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_resume_engine(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_set_offset(text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_reset_stats(text) FROM PUBLIC;
+
+-- The switch-over (README, "Switch-over"): whether the replica has caught up
+-- with the source, with LSNs typed as such.
+CREATE FUNCTION synchdb_switchover_check(name text)
+RETURNS TABLE (source_lsn pg_lsn, applied_lsn pg_lsn, lag_bytes bigint,
+               tables_not_ready int, state text, caught_up boolean)
+LANGUAGE sql STRICT VOLATILE
+AS $$
+  SELECT r.source_lsn::pg_lsn, r.applied_lsn::pg_lsn, r.lag_bytes,
+         r.tables_not_ready, r.state, r.caught_up
+    FROM public.synchdb_switchover_rows($1) r
+$$;
+REVOKE EXECUTE ON FUNCTION synchdb_switchover_rows(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_switchover_check(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_sync_sequences(text) FROM PUBLIC;

@@ -60,7 +60,7 @@ pub fn my_database() -> pg_sys::Oid {
     unsafe { pg_sys::MyDatabaseId }
 }
 
-fn unknown_connector(name: &str) -> ! {
+pub(crate) fn unknown_connector(name: &str) -> ! {
     raise(
         PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
         format!("connector \"{name}\" does not exist"),
@@ -294,6 +294,7 @@ fn synchdb_set_offset(name: &str, lsn: &str) -> i32 {
     if !shmem::send_request(my_database(), name, shmem::Request::SetOffset, Some(value)) {
         not_running(name);
     }
+    shmem::forget_positions(my_database(), name);
     0
 }
 

@@ -882,6 +882,7 @@ fn snapshot_tables(
             if build_pk {
                 schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
             }
+            crate::indexes::copy_indexes(rt, &client, &ctx.name, shape, dst_schema, &dst);
             schema::record_table(
                 &ctx.name,
                 t,

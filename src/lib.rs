@@ -12,6 +12,7 @@ pub mod decode;
 pub mod direct;
 pub mod engine;
 pub mod gucs;
+pub mod indexes;
 pub mod lsn;
 pub mod pgtxn;
 pub mod relcache;
@@ -19,6 +20,7 @@ pub mod schema;
 pub mod shmem;
 pub mod source;
 pub mod sqlgen;
+pub mod switchover;
 pub mod worker;
 
 pgrx::pg_module_magic!();

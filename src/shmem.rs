@@ -317,6 +317,18 @@ pub fn reset_stats(dboid: pg_sys::Oid, name: &str) -> bool {
     .unwrap_or(false)
 }
 
+/// Forgets how far a connector's stream got (`received_lsn`, `applied_lsn`):
+/// after `synchdb_set_offset` the stream starts again from the new offset, and
+/// a position from before it would claim more than is applied.
+pub fn forget_positions(dboid: pg_sys::Oid, name: &str) {
+    with_slots(true, |slots| {
+        if let Some(s) = slots.iter_mut().find(|s| matches(s, dboid, name)) {
+            s.stats.received_lsn = 0;
+            s.stats.applied_lsn = 0;
+        }
+    });
+}
+
 /// Whether shared memory is attached (the library was preloaded).
 pub fn available() -> bool {
     attached()

@@ -205,8 +205,13 @@ fn switchover_check_follows_the_lag() {
         row[2].parse::<i64>().unwrap_or(0) > 0,
         "lag_bytes while paused: {row:?}"
     );
-    // Still false a little later: nothing is applied while paused.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Still false once the worker has received those changes: received
+    // is not applied.
+    wait_until(LONG, "the paused worker to receive the changes", || {
+        pair.dst.count(&format!(
+            "SELECT lag_bytes FROM synchdb_stats_view WHERE name = '{NAME}'"
+        )) > 0
+    });
     assert_eq!(check(&pair)[5], "false");
 
     pair.dst

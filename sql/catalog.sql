@@ -46,7 +46,9 @@ CREATE TABLE synchdb_table_state (
     src_columns text[],
     dst_schema  text NOT NULL,
     dst_table   text NOT NULL,
-    state       text NOT NULL CHECK (state IN ('ready', 'schema')),
+    -- 'copy': a copy is owed whatever the mode (the table joined the
+    -- publication after rows were written to it; sources before 15).
+    state       text NOT NULL CHECK (state IN ('ready', 'schema', 'copy')),
     sync_lsn    pg_lsn NOT NULL DEFAULT '0/0',
     rows_copied bigint NOT NULL DEFAULT 0,
     synced_at   timestamptz NOT NULL DEFAULT now(),

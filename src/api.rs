@@ -121,6 +121,7 @@ fn synchdb_add_conninfo(
         table: null_word(table),
         snapshottable: null_word(snapshottable),
         connector: connector.unwrap_or_default().trim().to_ascii_lowercase(),
+        publication: String::new(),
     };
     if let Err(e) = info.validate() {
         config_error(e);

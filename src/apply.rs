@@ -70,6 +70,11 @@ pub trait SourceCatalog {
     fn relation_name(&mut self, relid: u32) -> Result<Option<TableRef>, String>;
     /// The default expression of a source column, if it has one.
     fn column_default(&mut self, relid: u32, column: &str) -> Result<Option<String>, String>;
+    /// The top partitioned table above a source relation that is a
+    /// partition: its OID and name.
+    fn partition_root(&mut self, relid: u32) -> Result<Option<(u32, TableRef)>, String>;
+    /// The OIDs of the leaf partitions under a partitioned source table.
+    fn partition_leaves(&mut self, root: u32) -> Result<Vec<u32>, String>;
 }
 
 /// Type OIDs below this are assigned in PostgreSQL's bootstrap catalogs and
@@ -169,6 +174,8 @@ pub struct Applier<'c> {
     names_by_relid: HashMap<u32, TableRef>,
     rels: HashMap<u32, RelEntry>,
     targets: HashMap<TableRef, TableTarget>,
+    /// Partitions published under their own name: their captured root.
+    partition_of: HashMap<u32, (u32, TableRef)>,
     /// May tables be created from Relation messages when missing (not in `never`).
     create_missing: bool,
     dst_schema: String,
@@ -220,6 +227,7 @@ impl<'c> Applier<'c> {
             names_by_relid,
             rels: HashMap::new(),
             targets,
+            partition_of: HashMap::new(),
             create_missing,
             dst_schema: dst_schema.to_string(),
             in_xact: false,
@@ -427,15 +435,17 @@ impl<'c> Applier<'c> {
     /// Takes note of a Relation message. Nothing is done to the destination
     /// yet: the message may belong to a transaction older than the table's
     /// copy, whose shape the copy has already left behind.
-    fn relation(&mut self, rel: Relation) {
-        if let Some(mut old) = self.rels.remove(&rel.id) {
+    fn relation(&mut self, mut rel: Relation) {
+        let msg_id = rel.id;
+        if let Some(mut old) = self.rels.remove(&msg_id) {
             for (_, p) in old.plans.drain() {
                 unsafe { pg_sys::SPI_freeplan(p) };
             }
         }
-        self.current_rel_id = Some(rel.id);
+        self.as_partition_root(&mut rel);
+        self.current_rel_id = Some(msg_id);
         self.rels.insert(
-            rel.id,
+            msg_id,
             RelEntry {
                 rel,
                 synced: false,
@@ -447,6 +457,42 @@ impl<'c> Applier<'c> {
                 direct: None,
             },
         );
+    }
+
+    /// A partition published under its own name (by a source before
+    /// PostgreSQL 13, or a publication without publish_via_partition_root)
+    /// is applied as its captured root table: the Relation message is made
+    /// to describe the root (partitions have the root's columns). The
+    /// message's own relation id still keys the entry.
+    fn as_partition_root(&mut self, rel: &mut Relation) {
+        let key = TableRef {
+            schema: rel.namespace.clone(),
+            table: rel.name.clone(),
+        };
+        if self.targets.values().any(|t| t.src_relid == rel.id) || self.targets.contains_key(&key) {
+            return;
+        }
+        if let Some(root) = self.partition_of.get(&rel.id) {
+            let (oid, name) = root.clone();
+            rel.id = oid;
+            rel.namespace = name.schema;
+            rel.name = name.table;
+            return;
+        }
+        let root = match self.catalog.partition_root(rel.id) {
+            Ok(r) => r,
+            Err(e) => pgrx::error!("finding the partitioned table of source relation {key}: {e}"),
+        };
+        let Some((oid, name)) = root else { return };
+        let captured =
+            self.targets.values().any(|t| t.src_relid == oid) || self.targets.contains_key(&name);
+        if !captured {
+            return;
+        }
+        self.partition_of.insert(rel.id, (oid, name.clone()));
+        rel.id = oid;
+        rel.namespace = name.schema;
+        rel.name = name.table;
     }
 
     /// The copy position that decides whether the current transaction may
@@ -1227,9 +1273,15 @@ impl<'c> Applier<'c> {
 
     fn truncate(&mut self, rel_ids: &[u32], restart_identity: bool) {
         let mut targets = Vec::new();
+        let mut roots_checked: Vec<u32> = Vec::new();
         for id in rel_ids {
             if !self.rels.contains_key(id) || !self.ready(*id) {
                 continue;
+            }
+            let root = self.rels.get(id).map(|e| e.rel.id).unwrap_or(*id);
+            if root != *id && !roots_checked.contains(&root) {
+                roots_checked.push(root);
+                self.truncate_partitions(root, rel_ids);
             }
             if let Some(t) = self.rels.get(id).and_then(|e| e.target.as_ref()) {
                 targets.push((t.dst_schema.clone(), t.dst_table.clone()));
@@ -1242,6 +1294,38 @@ impl<'c> Applier<'c> {
         if let Err(e) = Spi::run(&sql) {
             pgrx::error!("{e}");
         }
+    }
+
+    /// A TRUNCATE that names partitions of a captured partitioned table
+    /// one by one (a source publishing partitions under their own names)
+    /// empties the whole destination table only when it names every
+    /// partition; otherwise the rows of the other partitions must stay, so
+    /// the table is copied again (modes that copy) or the connector stops
+    /// with an error saying why.
+    fn truncate_partitions(&mut self, root: u32, rel_ids: &[u32]) {
+        let leaves = match self.catalog.partition_leaves(root) {
+            Ok(l) => l,
+            Err(e) => pgrx::error!("reading the partitions of source relation {root}: {e}"),
+        };
+        if leaves.iter().all(|l| rel_ids.contains(l)) {
+            return;
+        }
+        let found = self
+            .targets
+            .iter()
+            .find(|(_, t)| t.src_relid == root)
+            .map(|(k, t)| (k.clone(), t.clone()));
+        let Some((key, target)) = found else { return };
+        self.counters.ddl += 1;
+        if self.can_resync {
+            self.resync = Some((key.clone(), target));
+            pgrx::error!(
+                "some partitions of source table {key} were truncated; the table is copied again"
+            );
+        }
+        pgrx::error!(
+            "some partitions of source table {key} were truncated; the destination table holds all partitions and cannot drop only theirs: restart the connector in mode always with snapshottable '{key}' to copy it again"
+        );
     }
 
     /// Converts the values with the destination types' input functions and

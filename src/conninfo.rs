@@ -21,6 +21,10 @@ pub struct ConnInfo {
     pub table: String,
     pub snapshottable: String,
     pub connector: String,
+    /// An existing source publication to use (created by an admin; the
+    /// connector never alters or drops it). Empty: the connector's own,
+    /// named after it, which it creates and keeps in step.
+    pub publication: String,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -77,6 +81,7 @@ impl ConnInfo {
             table: text("table")?,
             snapshottable: text("snapshottable")?,
             connector: text("connector")?,
+            publication: text("publication")?,
         };
         Ok(info)
     }
@@ -105,7 +110,25 @@ impl ConnInfo {
             }
             parse_ident("srcschema", self.srcschema.trim())?;
         }
+        if !self.publication.trim().is_empty() {
+            parse_ident("publication", self.publication.trim())?;
+        }
         Ok(())
+    }
+
+    /// The source publication the connector reads: the one named in the
+    /// connector's data (an admin's), else its own (`object`).
+    pub fn publication_name(&self, object: &str) -> String {
+        match self.publication.trim() {
+            "" => object.to_string(),
+            p => parse_ident("publication", p).unwrap_or_else(|_| p.to_string()),
+        }
+    }
+
+    /// Whether the publication is the connector's own (created, altered and
+    /// dropped by it) rather than one an admin made.
+    pub fn owns_publication(&self) -> bool {
+        self.publication.trim().is_empty()
     }
 
     /// The source schema captured when `table` is 'null', folded like an
@@ -462,6 +485,7 @@ mod tests {
             table: "null".into(),
             snapshottable: "null".into(),
             connector: "postgres".into(),
+            publication: String::new(),
         }
     }
 

@@ -7,9 +7,10 @@
 
 use crate::apply::{self, Applier, TableTarget};
 use crate::conninfo::{self, ConnInfo, Mode, TableRef};
-use crate::decode;
+use crate::decode::{self, Message};
 use crate::gucs::{self, ErrorStrategy};
 use crate::pgtxn;
+use crate::replication::{self, Event};
 use crate::schema;
 use crate::shmem::{Request, Stage, State};
 use crate::source::{self, SourceError, SourceTable};
@@ -18,7 +19,6 @@ use crate::worker::WorkerContext;
 use futures_util::StreamExt;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::prelude::*;
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,9 @@ struct StoredTable {
     src_relid: u32,
     /// Whether its copy is complete (else it is copied at the next start).
     ready: bool,
+    /// A copy is owed whatever the mode (state 'copy'): the table joined
+    /// the publication after rows were written to it.
+    forced: bool,
     src_columns: Option<Vec<String>>,
 }
 
@@ -154,7 +157,8 @@ fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop>
             let mut out = HashMap::new();
             let rows = client.select(
                 "SELECT src_schema, src_table, dst_schema, dst_table, sync_lsn::text,
-                        coalesce(src_relid, 0)::bigint, state = 'ready', src_columns
+                        coalesce(src_relid, 0)::bigint, state = 'ready', src_columns,
+                        state = 'copy'
                    FROM public.synchdb_table_state WHERE name = $1",
                 None,
                 &[name.into()],
@@ -184,6 +188,7 @@ fn load_table_states(name: &str) -> Result<HashMap<TableRef, StoredTable>, Stop>
                             .unwrap_or(0),
                         ready: row.get::<bool>(7)?.unwrap_or(false),
                         src_columns: row.get::<Vec<String>>(8)?,
+                        forced: row.get::<bool>(9)?.unwrap_or(false),
                     },
                 );
             }
@@ -330,7 +335,7 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
 
     let rt = &source::runtime()?;
     let client = block(rt, source::connect(&info))??;
-    let version = block(rt, source::preflight(&client, &info))??;
+    block(rt, source::preflight(&client, &info))??;
     let tables = block(
         rt,
         source::list_tables(&client, &src_schema, explicit.as_deref()),
@@ -338,10 +343,15 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     let dest_names = sqlgen::destination_names(&tables);
 
     if mode.streams() {
-        block(
-            rt,
-            source::ensure_publication(&client, &object, &src_schema, explicit.as_deref(), version),
-        )??;
+        let publication = info.publication_name(&object);
+        let spec = source::PublicationSpec {
+            name: &publication,
+            own: info.owns_publication(),
+            schema: &src_schema,
+            explicit: explicit.as_deref(),
+        };
+        let added = block(rt, source::ensure_publication(&client, &spec, &tables))??;
+        request_copies(ctx, rt, &client, mode, &tables, &added, &dst_schema)?;
     }
     let mut fresh_slot_at: Option<u64> = None;
     if mode.streams() && block(rt, source::slot_position(&client, &object))??.is_none() {
@@ -387,7 +397,7 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
         .collect();
     let schema_only: Vec<TableRef> = tables
         .iter()
-        .filter(|t| mode == Mode::NoData && !stored.get(*t).is_some_and(|s| s.ready))
+        .filter(|t| mode == Mode::NoData && !stored.get(*t).is_some_and(|s| s.ready || s.forced))
         .cloned()
         .collect();
 
@@ -506,6 +516,105 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     )
 }
 
+/// Keeps the publication in step with the captured tables while streaming
+/// (over a connection of its own: the applier holds the catalog's).
+struct PublicationWatch {
+    client: Option<tokio_postgres::Client>,
+    last: Instant,
+}
+
+impl PublicationWatch {
+    /// True when a table joined the publication and owes a copy (the
+    /// connector starts again to make it).
+    fn check(
+        &mut self,
+        ctx: &WorkerContext,
+        rt: &tokio::runtime::Runtime,
+        info: &ConnInfo,
+        object: &str,
+        mode: Mode,
+    ) -> Result<bool, Stop> {
+        let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
+        let schema = match &explicit {
+            Some(_) => String::new(),
+            None => info
+                .source_schema()
+                .map_err(|e| Stop::Fatal(e.to_string()))?,
+        };
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(block(rt, source::connect(info))??);
+        }
+        let Some(client) = self.client.as_ref() else {
+            return Ok(false);
+        };
+        let tables = match block(
+            rt,
+            source::list_tables(client, &schema, explicit.as_deref()),
+        )? {
+            Ok(t) => t,
+            // A captured table dropped: the stream tells what happened to it.
+            Err(SourceError::MissingTable(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let publication = info.publication_name(object);
+        let spec = source::PublicationSpec {
+            name: &publication,
+            own: info.owns_publication(),
+            schema: &schema,
+            explicit: explicit.as_deref(),
+        };
+        let added = block(rt, source::ensure_publication(client, &spec, &tables))??;
+        let dst_schema = info.srcdb.clone();
+        request_copies(ctx, rt, client, mode, &tables, &added, &dst_schema)
+    }
+}
+
+/// Tables that just joined the publication (after rows were written to
+/// them: a source before PostgreSQL 15 has no schema publication, one
+/// before 13 publishes each partition) owe a copy: the captured table that
+/// holds each is marked so, whatever the mode but never.
+fn request_copies(
+    ctx: &WorkerContext,
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    mode: Mode,
+    tables: &[TableRef],
+    added: &[TableRef],
+    dst_schema: &str,
+) -> Result<bool, Stop> {
+    if added.is_empty() {
+        return Ok(false);
+    }
+    let names = sqlgen::destination_names(tables);
+    let mut any = false;
+    for t in tables {
+        let leaves = block(rt, source::leaf_tables(client, std::slice::from_ref(t)))??;
+        if !added.contains(t) && !leaves.iter().any(|l| added.contains(l)) {
+            continue;
+        }
+        if mode == Mode::Never {
+            pgrx::warning!(
+                "synchdb: connector \"{}\": {t} joined the publication now; in mode never its rows written before are not copied",
+                ctx.name
+            );
+            continue;
+        }
+        let dst = names.get(t).cloned().unwrap_or_else(|| t.table.clone());
+        pgtxn::run(|| schema::request_copy(&ctx.name, t, dst_schema, &dst)).map_err(|e| {
+            Stop::Apply {
+                msg: format!("recording the copy owed to {t}: {e}"),
+                at: None,
+            }
+        })?;
+        pgrx::log!(
+            "synchdb: connector \"{}\": {t} joined the publication; it is copied",
+            ctx.name
+        );
+        any = true;
+    }
+    Ok(any)
+}
+
 /// The shapes of the given source tables (those that no longer exist left
 /// out) and the user-defined types they use, dependencies first.
 fn describe_tables(
@@ -564,6 +673,11 @@ struct Plan<'a> {
 impl Plan<'_> {
     /// Whether this start copies table `t` (whose state is `stored`).
     fn copies(&self, t: &TableRef, stored: Option<&StoredTable>) -> bool {
+        if stored.is_some_and(|s| s.forced) {
+            // Rows the stream cannot bring (written before the table joined
+            // the publication): copied in every mode but never.
+            return self.mode != Mode::Never;
+        }
         let ready = stored.filter(|s| s.ready);
         // The connector's slot was lost and made again: a copy older than
         // the new slot misses what happened in between.
@@ -617,7 +731,7 @@ fn check_owner(connector: &str, schema: &str, table: &str) {
 /// (its temporary slot), a connection inside it, the slot's consistent
 /// point, and the tables to copy with their shapes as of the snapshot.
 struct Snapshot {
-    gate: ReplicationClient,
+    gate: replication::Session,
     client: tokio_postgres::Client,
     consistent: u64,
     shapes: Vec<SourceTable>,
@@ -644,20 +758,22 @@ fn open_snapshot(
     captured: (&str, Option<&[TableRef]>),
     stored: &HashMap<TableRef, StoredTable>,
 ) -> Result<Option<Snapshot>, Stop> {
-    let cfg = replication_config(info, object, 0);
-    let mut gate = block(rt, ReplicationClient::connect_gated(cfg))?
+    let cfg = replication_config(info);
+    let mut gate = block(rt, replication::Session::connect(&cfg))?
         .map_err(|e| Stop::Source(format!("replication connection: {e}")))?;
     // Temporary; unique on the source across destinations (the connector's
     // unique name hashed) and attempts (pid).
     let tmp_slot = format!("synchdb_snap_{}_{}", conninfo::name_hash(object), unsafe {
         pg_sys::MyProcPid
     });
-    let rows = block(
-        rt,
-        gate.simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {tmp_slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
-        )),
-    )?
+    // The option list form exists from PostgreSQL 15; older servers take
+    // the keyword form (10 to 14).
+    let create = if source::server_version() >= 150000 {
+        format!("CREATE_REPLICATION_SLOT {tmp_slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')")
+    } else {
+        format!("CREATE_REPLICATION_SLOT {tmp_slot} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
+    };
+    let rows = block(rt, gate.simple_query(&create))?
     .map_err(|e| {
         let text = e.to_string();
         if text.contains("all replication slots are in use") {
@@ -671,12 +787,7 @@ fn open_snapshot(
     let row = rows
         .first()
         .ok_or_else(|| Stop::Source("CREATE_REPLICATION_SLOT returned no row".into()))?;
-    let text = |i: usize| -> String {
-        row.get(i)
-            .and_then(|v| v.as_ref())
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_default()
-    };
+    let text = |i: usize| -> String { row.get(i).cloned().flatten().unwrap_or_default() };
     let consistent = crate::lsn::parse_lsn(&text(1))
         .map_err(|e| Stop::Source(format!("bad consistent point: {e}")))?;
     let snapshot_name = text(2);
@@ -736,10 +847,13 @@ fn open_snapshot(
         let rewritten: i64 = block(
             rt,
             client.query_one(
-                "SELECT count(*) FROM pg_catalog.pg_class c
-                  WHERE (c.oid = $1
-                         OR c.oid IN (SELECT relid FROM pg_catalog.pg_partition_tree($1::oid::regclass)))
-                    AND c.relfilenode <> 0
+                "WITH RECURSIVE tree(relid) AS (
+                     SELECT $1::oid
+                     UNION ALL
+                     SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+                 SELECT count(*) FROM pg_catalog.pg_class c
+                  WHERE c.oid IN (SELECT relid FROM tree)
+                    AND c.relkind <> 'p' AND c.relfilenode <> 0
                     AND c.relfilenode IS DISTINCT FROM pg_catalog.pg_relation_filenode(c.oid)",
                 &[&shape.oid],
             ),
@@ -941,23 +1055,25 @@ fn snapshot_tables(
     Ok(())
 }
 
-fn replication_config(info: &ConnInfo, object: &str, start: u64) -> ReplicationConfig {
-    ReplicationConfig::new(
-        info.hostname.clone(),
-        info.user.clone(),
-        info.pwd.clone(),
-        info.srcdb.clone(),
-        object.to_string(),
-        object.to_string(),
+fn replication_config(info: &ConnInfo) -> replication::Config {
+    replication::Config {
+        host: info.hostname.clone(),
+        port: u16::try_from(info.port).unwrap_or(5432),
+        user: info.user.clone(),
+        password: info.pwd.clone(),
+        dbname: info.srcdb.clone(),
+        application_name: "synchdb".into(),
+        options: source::PINNED_OPTIONS.into(),
+    }
+}
+
+/// The pgoutput options of START_REPLICATION for this source: protocol
+/// version 1 (every server from 10 on speaks it) and the publication.
+fn plugin_options(publication: &str) -> String {
+    format!(
+        "proto_version '1', publication_names {}",
+        replication::quote_literal(&replication::quote_ident(publication))
     )
-    .with_port(u16::try_from(info.port).unwrap_or(5432))
-    .with_tls(TlsConfig::disabled())
-    .with_start_lsn(Lsn::from_u64(start))
-    .with_status_interval(Duration::from_secs(1))
-    .with_wakeup_interval(Duration::from_secs(1))
-    .with_buffer_size(4096)
-    .with_application_name("synchdb")
-    .with_options(source::PINNED_OPTIONS)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -976,11 +1092,19 @@ fn stream(
     let slot = ctx.slot;
     crate::relcache::register();
     let start = apply::setup_origin(object).map_err(Stop::Fatal)?;
-    let cfg = replication_config(info, object, start);
-    let mut client = block(rt, ReplicationClient::connect(cfg))?
+    let cfg = replication_config(info);
+    let session = block(rt, replication::Session::connect(&cfg))?
         .map_err(|e| Stop::Source(format!("replication connection: {e}")))?;
-    block(rt, client.wait_started())?
-        .map_err(|e| Stop::Source(format!("START_REPLICATION: {e}")))?;
+    let mut client = block(
+        rt,
+        session.start(
+            object,
+            start,
+            &plugin_options(&info.publication_name(object)),
+            4096,
+        ),
+    )?
+    .map_err(|e| Stop::Source(format!("START_REPLICATION: {e}")))?;
     if !copied_now || start != 0 {
         slot.set_stage(Stage::ChangeDataCapture);
     }
@@ -1010,7 +1134,15 @@ fn stream(
     let mut last_received_check = Instant::now();
     // Where the source's stream has got to (what it sent, buffered or not
     // yet applied): lag_bytes is measured against it.
-    let metrics = client.metrics();
+    // Sources before 15 have no schema publication (and before 13 publish
+    // each partition): new tables and partitions join the connector's
+    // publication as they appear. A publication an admin made is checked
+    // to cover them.
+    let watch_publication = !info.owns_publication() || source::server_version() < 150000;
+    let mut watcher = PublicationWatch {
+        client: None,
+        last: Instant::now(),
+    };
     let mut paused = false;
     let mut flush = FlushTracker::default();
     let mut published = apply::Counters::default();
@@ -1024,7 +1156,7 @@ fn stream(
         }
         if last_received_check.elapsed() >= Duration::from_millis(100) {
             last_received_check = Instant::now();
-            let end = metrics.last_wal_end().as_u64();
+            let end = client.last_wal_end();
             slot.stats(|s| s.received_lsn = s.received_lsn.max(end));
         }
         if !applier.in_transaction() && last_request_check.elapsed() >= Duration::from_millis(20) {
@@ -1073,6 +1205,17 @@ fn stream(
                 return Ok(());
             }
         }
+        if watch_publication
+            && !applier.in_transaction()
+            && watcher.last.elapsed() > Duration::from_secs(2)
+        {
+            watcher.last = Instant::now();
+            if watcher.check(ctx, rt, info, object, mode)? {
+                applier.abort();
+                drop(client);
+                return Err(Stop::Restart);
+            }
+        }
         // Events the replication task already buffered are taken without
         // entering the runtime; only an empty buffer waits (and lets the
         // task read the socket and send feedback).
@@ -1085,7 +1228,7 @@ fn stream(
         let ev = match ev {
             Err(_) => {
                 if let Some(lsn) = flush.durable(local_flush_lsn()) {
-                    client.update_applied_lsn(Lsn::from_u64(lsn));
+                    client.update_applied_lsn(lsn);
                 }
                 continue;
             }
@@ -1102,49 +1245,51 @@ fn stream(
             }
         };
         let outcome = pgtxn::catch(|| match ev {
-            ReplicationEvent::Begin {
-                final_lsn,
-                xid,
-                commit_time_micros,
-            } => {
-                slot.set_state(State::Executing);
-                applier.begin(final_lsn.as_u64(), xid, commit_time_micros);
-                None
-            }
-            ReplicationEvent::XLogData {
+            Event::XLogData {
                 wal_start, data, ..
             } => {
                 let decoded = decode::decode_bytes(&data);
                 // The message's values are slices of `data`: only they keep it now.
                 drop(data);
                 match decoded {
-                    Ok(msg) => applier.apply(msg, wal_start.as_u64()),
+                    Ok(Message::Begin {
+                        final_lsn,
+                        commit_ts,
+                        xid,
+                    }) => {
+                        slot.set_state(State::Executing);
+                        applier.begin(final_lsn, xid, commit_ts);
+                        None
+                    }
+                    Ok(Message::Commit {
+                        commit_lsn,
+                        end_lsn,
+                        commit_ts,
+                        ..
+                    }) => {
+                        let local_end = applier.commit(commit_lsn, end_lsn, commit_ts);
+                        Some(Progress::Committed {
+                            remote_end: end_lsn,
+                            local_end,
+                        })
+                    }
+                    Ok(msg) => {
+                        applier.apply(msg, wal_start);
+                        None
+                    }
                     Err(e) => pgrx::error!(
                         "malformed pgoutput message at {}: {e}",
-                        crate::lsn::format_lsn(wal_start.as_u64())
+                        crate::lsn::format_lsn(wal_start)
                     ),
                 }
-                None
             }
-            ReplicationEvent::Commit {
-                lsn,
-                end_lsn,
-                commit_time_micros,
-            } => {
-                let local_end = applier.commit(lsn.as_u64(), end_lsn.as_u64(), commit_time_micros);
-                Some(Progress::Committed {
-                    remote_end: end_lsn.as_u64(),
-                    local_end,
-                })
-            }
-            ReplicationEvent::KeepAlive { wal_end, .. } => {
+            Event::KeepAlive { wal_end } => {
                 if !applier.in_transaction() {
                     Some(Progress::Idle(wal_end))
                 } else {
                     None
                 }
             }
-            _ => None,
         });
         match outcome {
             Ok(Some(Progress::Committed {
@@ -1154,19 +1299,19 @@ fn stream(
                 flush.committed(remote_end, local_end);
                 publish_stats(slot, &applier, &mut published, remote_end);
                 if let Some(lsn) = flush.durable(local_flush_lsn()) {
-                    client.update_applied_lsn(Lsn::from_u64(lsn));
+                    client.update_applied_lsn(lsn);
                 }
             }
             Ok(Some(Progress::Idle(wal_end))) => {
                 // Between transactions with nothing pending: everything the
                 // server sent before this keepalive is applied and durable.
                 if let Some(lsn) = flush.durable(local_flush_lsn()) {
-                    client.update_applied_lsn(Lsn::from_u64(lsn));
+                    client.update_applied_lsn(lsn);
                 }
                 if flush.is_empty() {
                     client.update_applied_lsn(wal_end);
                 }
-                let end = wal_end.as_u64();
+                let end = wal_end;
                 slot.stats(|s| {
                     s.received_lsn = s.received_lsn.max(end);
                     s.applied_lsn = s.applied_lsn.max(end);
@@ -1275,7 +1420,7 @@ enum Progress {
     /// commit record ending at `local_end`.
     Committed { remote_end: u64, local_end: u64 },
     /// A keepalive arrived between transactions.
-    Idle(Lsn),
+    Idle(u64),
 }
 
 fn local_flush_lsn() -> u64 {
@@ -1357,6 +1502,18 @@ impl apply::SourceCatalog for LiveCatalog<'_> {
 
     fn column_default(&mut self, relid: u32, column: &str) -> Result<Option<String>, String> {
         block(self.rt, source::column_default(&self.client, relid, column))
+            .map_err(stop_text)?
+            .map_err(|e| e.to_string())
+    }
+
+    fn partition_root(&mut self, relid: u32) -> Result<Option<(u32, TableRef)>, String> {
+        block(self.rt, source::partition_root(&self.client, relid))
+            .map_err(stop_text)?
+            .map_err(|e| e.to_string())
+    }
+
+    fn partition_leaves(&mut self, root: u32) -> Result<Vec<u32>, String> {
+        block(self.rt, source::leaf_oids(&self.client, root))
             .map_err(stop_text)?
             .map_err(|e| e.to_string())
     }

@@ -16,6 +16,7 @@ pub mod indexes;
 pub mod lsn;
 pub mod pgtxn;
 pub mod relcache;
+pub mod replication;
 pub mod schema;
 pub mod shmem;
 pub mod source;

@@ -388,6 +388,27 @@ pub fn mark_for_copy(connector: &str, t: &TableRef, src_relid: u32) {
     );
 }
 
+/// Records that a table owes a copy whatever the mode (state 'copy'): it
+/// joined the publication after rows were written to it. An existing state
+/// keeps its destination table.
+pub fn request_copy(connector: &str, t: &TableRef, dst_schema: &str, dst_table: &str) {
+    let r = Spi::run_with_args(
+        "INSERT INTO public.synchdb_table_state (name, src_schema, src_table, dst_schema, dst_table, state)
+         VALUES ($1, $2, $3, $4, $5, 'copy')
+         ON CONFLICT (name, src_schema, src_table) DO UPDATE SET state = 'copy', sync_lsn = '0/0'",
+        &[
+            connector.into(),
+            t.schema.as_str().into(),
+            t.table.as_str().into(),
+            dst_schema.into(),
+            dst_table.into(),
+        ],
+    );
+    if let Err(e) = r {
+        pgrx::error!("{e}");
+    }
+}
+
 /// Forgets the state of a source table that is gone (its name now belongs
 /// to a table renamed into it); its destination table stays.
 pub fn forget_table(connector: &str, t: &TableRef) {

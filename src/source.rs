@@ -4,6 +4,7 @@
 //! and never calls into Postgres; everything here is plain Rust.
 
 use crate::conninfo::{ConnInfo, TableRef};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio_postgres::{Client, NoTls};
@@ -30,6 +31,23 @@ pub enum SourceError {
     Query(String),
     #[error("replication stream: {0}")]
     Stream(String),
+    /// Something only an admin of the source can do; the connector retries.
+    #[error("{what}; an admin must run on the source: {sql} (the connector retries until then)")]
+    NeedsAdmin { what: String, sql: String },
+}
+
+thread_local! {
+    /// The source's server_version_num, read when a connection opens (a
+    /// process talks to one source).
+    static VERSION: Cell<i32> = const { Cell::new(0) };
+}
+
+/// The source's server_version_num (150000 until a connection has told).
+pub fn server_version() -> i32 {
+    match VERSION.with(|v| v.get()) {
+        0 => 150000,
+        v => v,
+    }
 }
 
 impl SourceError {
@@ -115,6 +133,19 @@ pub async fn connect(info: &ConnInfo) -> Result<Client, SourceError> {
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    let v: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(SourceError::from_pg)?
+        .get(0);
+    if v < 100000 {
+        return Err(SourceError::Query(format!(
+            "the source runs PostgreSQL {}.{}; sources from PostgreSQL 10 on are supported",
+            v / 10000,
+            v / 100 % 100
+        )));
+    }
+    VERSION.with(|c| c.set(v));
     Ok(client)
 }
 
@@ -298,11 +329,15 @@ pub async fn relation_name(client: &Client, oid: u32) -> Result<Option<TableRef>
 
 /// Reads a table's columns (names, exact types, NOT NULL) and primary key.
 pub async fn describe_table(client: &Client, t: &TableRef) -> Result<SourceTable, SourceError> {
+    let sql = include_str!("../sql/source_columns.sql");
+    // Generated columns exist from PostgreSQL 12.
+    let sql = if server_version() < 120000 {
+        sql.replace("a.attgenerated = 's'", "false")
+    } else {
+        sql.to_string()
+    };
     let cols = client
-        .query(
-            include_str!("../sql/source_columns.sql"),
-            &[&t.schema, &t.table],
-        )
+        .query(sql.as_str(), &[&t.schema, &t.table])
         .await
         .map_err(SourceError::from_pg)?;
     if cols.is_empty() {
@@ -360,61 +395,301 @@ fn quote(ident: &str) -> String {
     crate::sqlgen::quote_ident(ident)
 }
 
-/// Creates the connector's publication, or makes an existing one cover the
-/// captured tables again (the table list may have been edited).
+fn table_list(tables: &[TableRef]) -> String {
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| format!("{}.{}", quote(&t.schema), quote(&t.table)))
+        .collect();
+    names.join(", ")
+}
+
+/// The leaf partitions of each partitioned table among `tables` (a plain
+/// table stands for itself): what a publication lists for them on a source
+/// that cannot publish a partitioned table (before PostgreSQL 13), or when
+/// a publication publishes partitions under their own names.
+pub async fn leaf_tables(
+    client: &Client,
+    tables: &[TableRef],
+) -> Result<Vec<TableRef>, SourceError> {
+    let mut out = Vec::new();
+    for t in tables {
+        let rows = client
+            .query(
+                "WITH RECURSIVE tree(relid) AS (
+                     SELECT c.oid FROM pg_catalog.pg_class c
+                       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = $1 AND c.relname = $2
+                     UNION ALL
+                     SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+                       JOIN tree ON i.inhparent = tree.relid
+                       JOIN pg_catalog.pg_class k ON k.oid = i.inhrelid AND k.relispartition)
+                 SELECT n.nspname::text, c.relname::text FROM tree
+                   JOIN pg_catalog.pg_class c ON c.oid = tree.relid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind = 'r'
+                  ORDER BY 1, 2",
+                &[&t.schema, &t.table],
+            )
+            .await
+            .map_err(SourceError::from_pg)?;
+        for r in rows {
+            let leaf = TableRef {
+                schema: r.get(0),
+                table: r.get(1),
+            };
+            if !out.contains(&leaf) {
+                out.push(leaf);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The OIDs of the leaf partitions under partitioned source table `root`.
+pub async fn leaf_oids(client: &Client, root: u32) -> Result<Vec<u32>, SourceError> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE tree(relid) AS (
+                 SELECT $1::oid
+                 UNION ALL
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i
+                   JOIN tree ON i.inhparent = tree.relid
+                   JOIN pg_catalog.pg_class k ON k.oid = i.inhrelid AND k.relispartition)
+             SELECT c.oid FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid
+              WHERE c.relkind = 'r'",
+            &[&root],
+        )
+        .await
+        .map_err(SourceError::from_pg)?;
+    Ok(rows.iter().map(|r| r.get::<_, u32>(0)).collect())
+}
+
+/// The top partitioned table above source relation `relid`, when it is a
+/// partition (its OID and name).
+pub async fn partition_root(
+    client: &Client,
+    relid: u32,
+) -> Result<Option<(u32, TableRef)>, SourceError> {
+    let row = client
+        .query_opt(
+            "WITH RECURSIVE up(relid, depth) AS (
+                 SELECT $1::oid, 0
+                 UNION ALL
+                 SELECT i.inhparent, up.depth + 1 FROM up
+                   JOIN pg_catalog.pg_class c ON c.oid = up.relid AND c.relispartition
+                   JOIN pg_catalog.pg_inherits i ON i.inhrelid = up.relid)
+             SELECT c.oid, n.nspname::text, c.relname::text FROM up
+               JOIN pg_catalog.pg_class c ON c.oid = up.relid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE up.depth > 0
+              ORDER BY up.depth DESC LIMIT 1",
+            &[&relid],
+        )
+        .await
+        .map_err(SourceError::from_pg)?;
+    Ok(row.map(|r| {
+        (
+            r.get::<_, u32>(0),
+            TableRef {
+                schema: r.get(1),
+                table: r.get(2),
+            },
+        )
+    }))
+}
+
+/// What a publication must be for the connector: its name, whether the
+/// connector may change it, and what it captures.
+pub struct PublicationSpec<'a> {
+    pub name: &'a str,
+    /// The connector's own publication (it creates and alters it); false
+    /// for one named in the connector's data, which is only checked.
+    pub own: bool,
+    pub schema: &'a str,
+    pub explicit: Option<&'a [TableRef]>,
+}
+
+impl PublicationSpec<'_> {
+    fn with_clause(&self) -> &'static str {
+        if server_version() >= 130000 {
+            " WITH (publish_via_partition_root = true)"
+        } else {
+            ""
+        }
+    }
+
+    /// The statement that creates the publication for `tables`.
+    fn create_sql(&self, members: &[TableRef]) -> String {
+        let target = if self.explicit.is_none() && server_version() >= 150000 {
+            format!(" FOR TABLES IN SCHEMA {}", quote(self.schema))
+        } else if members.is_empty() {
+            String::new()
+        } else {
+            format!(" FOR TABLE {}", table_list(members))
+        };
+        format!(
+            "CREATE PUBLICATION {}{target}{}",
+            quote(self.name),
+            self.with_clause()
+        )
+    }
+}
+
+/// Creates the connector's publication or brings it in step with the
+/// captured tables; for a publication an admin made, checks that it
+/// publishes every operation of every captured table. Anything the
+/// connector's role may not do is an error naming the statement an admin
+/// must run. Returns the tables added to the publication just now (their
+/// rows written before are not in the stream: they need a copy).
 pub async fn ensure_publication(
     client: &Client,
-    publication: &str,
-    schema: &str,
-    explicit: Option<&[TableRef]>,
-    version: i32,
-) -> Result<(), SourceError> {
-    let exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1)",
-            &[&publication],
+    spec: &PublicationSpec<'_>,
+    tables: &[TableRef],
+) -> Result<Vec<TableRef>, SourceError> {
+    let version = server_version();
+    let row = client
+        .query_opt(
+            "SELECT p.pubowner = r.oid OR r.rolsuper, p.puballtables,
+                    p.pubinsert AND p.pubupdate AND p.pubdelete
+                      AND coalesce((to_jsonb(p) ->> 'pubtruncate')::bool, true),
+                    coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false)
+               FROM pg_catalog.pg_publication p, pg_catalog.pg_roles r
+              WHERE p.pubname = $1 AND r.rolname = current_user",
+            &[&spec.name],
+        )
+        .await
+        .map_err(SourceError::from_pg)?;
+    // Before 13 a partitioned table is published through its partitions.
+    let by_leaf = version < 130000 || row.as_ref().is_some_and(|r| !r.get::<_, bool>(3));
+    let members = if by_leaf {
+        leaf_tables(client, tables).await?
+    } else {
+        tables.to_vec()
+    };
+    let Some(row) = row else {
+        let sql = spec.create_sql(&members);
+        if !spec.own {
+            return Err(SourceError::NeedsAdmin {
+                what: format!("publication \"{}\" does not exist on the source", spec.name),
+                sql,
+            });
+        }
+        return match client.batch_execute(&sql).await {
+            Ok(()) => Ok(Vec::new()),
+            Err(e) if is_denied(&e) => Err(SourceError::NeedsAdmin {
+                what: format!(
+                    "the source role may not create publication \"{}\" ({})",
+                    spec.name,
+                    describe_pg_error(&e)
+                ),
+                sql,
+            }),
+            Err(e) => Err(SourceError::from_pg(e)),
+        };
+    };
+    let may_alter: bool = row.get(0);
+    let all_tables: bool = row.get(1);
+    let all_ops: bool = row.get(2);
+    if !all_ops {
+        let ops = if version >= 110000 {
+            "insert, update, delete, truncate"
+        } else {
+            "insert, update, delete"
+        };
+        return Err(SourceError::NeedsAdmin {
+            what: format!(
+                "publication \"{}\" does not publish every operation (changes would be lost)",
+                spec.name
+            ),
+            sql: format!(
+                "ALTER PUBLICATION {} SET (publish = '{ops}')",
+                quote(spec.name)
+            ),
+        });
+    }
+    if all_tables {
+        return Ok(Vec::new());
+    }
+    if spec.own && may_alter && spec.explicit.is_none() && version >= 150000 {
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} SET TABLES IN SCHEMA {}",
+                quote(spec.name),
+                quote(spec.schema)
+            ))
+            .await
+            .map_err(SourceError::from_pg)?;
+        return Ok(Vec::new());
+    }
+    let published: Vec<TableRef> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables
+              WHERE pubname = $1",
+            &[&spec.name],
         )
         .await
         .map_err(SourceError::from_pg)?
-        .get(0);
-    let target = match explicit {
-        Some(list) => {
-            let names: Vec<String> = list
-                .iter()
-                .map(|t| format!("{}.{}", quote(&t.schema), quote(&t.table)))
-                .collect();
-            format!("TABLE {}", names.join(", "))
+        .iter()
+        .map(|r| TableRef {
+            schema: r.get(0),
+            table: r.get(1),
+        })
+        .collect();
+    let missing: Vec<TableRef> = members
+        .iter()
+        .filter(|t| !published.contains(t))
+        .cloned()
+        .collect();
+    if !spec.own || !may_alter {
+        if missing.is_empty() {
+            return Ok(Vec::new());
         }
-        None if version >= 150000 => format!("TABLES IN SCHEMA {}", quote(schema)),
-        None => {
-            // Before PostgreSQL 15 there is no schema publication: list the
-            // tables that exist now.
-            let tables = list_tables(client, schema, None).await?;
-            if tables.is_empty() {
-                return Err(SourceError::Query(format!(
-                    "schema \"{schema}\" has no tables"
-                )));
-            }
-            let names: Vec<String> = tables
-                .iter()
-                .map(|t| format!("{}.{}", quote(&t.schema), quote(&t.table)))
-                .collect();
-            format!("TABLE {}", names.join(", "))
-        }
-    };
-    let sql = if exists {
-        format!("ALTER PUBLICATION {} SET {target}", quote(publication))
-    } else {
-        format!(
-            "CREATE PUBLICATION {} FOR {target} WITH (publish_via_partition_root = true)",
-            quote(publication)
-        )
-    };
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(SourceError::from_pg)?;
-    Ok(())
+        return Err(SourceError::NeedsAdmin {
+            what: format!(
+                "publication \"{}\" does not publish captured table{} {}",
+                spec.name,
+                if missing.len() > 1 { "s" } else { "" },
+                table_list(&missing)
+            ),
+            sql: format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote(spec.name),
+                table_list(&missing)
+            ),
+        });
+    }
+    // The connector's own publication: exactly the captured tables.
+    let extra: Vec<TableRef> = published
+        .iter()
+        .filter(|t| !members.contains(t))
+        .cloned()
+        .collect();
+    if !extra.is_empty() {
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} DROP TABLE {}",
+                quote(spec.name),
+                table_list(&extra)
+            ))
+            .await
+            .map_err(SourceError::from_pg)?;
+    }
+    if !missing.is_empty() {
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote(spec.name),
+                table_list(&missing)
+            ))
+            .await
+            .map_err(SourceError::from_pg)?;
+    }
+    Ok(missing)
+}
+
+fn is_denied(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code() == &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
 }
 
 /// The source's current WAL insert position: every transaction committed
@@ -495,10 +770,24 @@ pub fn drop_objects(info: &ConnInfo, object: &str) -> Result<(), SourceError> {
                 None => break,
             }
         }
-        client
-            .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote(object)))
+        // Only the connector's own publication goes; one an admin made
+        // (named in the connector's data, or owned by another role) stays.
+        let own: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication p, pg_catalog.pg_roles r
+                                 WHERE p.pubname = $1 AND r.rolname = current_user
+                                   AND (p.pubowner = r.oid OR r.rolsuper))",
+                &[&object],
+            )
             .await
-            .map_err(SourceError::from_pg)?;
+            .map_err(SourceError::from_pg)?
+            .get(0);
+        if info.owns_publication() && own {
+            client
+                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote(object)))
+                .await
+                .map_err(SourceError::from_pg)?;
+        }
         Ok(())
     })
 }
@@ -702,12 +991,19 @@ pub async fn column_default(
     relid: u32,
     column: &str,
 ) -> Result<Option<String>, SourceError> {
+    let generated = if server_version() >= 120000 {
+        " AND a.attgenerated = ''"
+    } else {
+        ""
+    };
     let row = client
         .query_opt(
-            "SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid)
-               FROM pg_catalog.pg_attrdef d
-               JOIN pg_catalog.pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-              WHERE a.attrelid = $1 AND a.attname = $2 AND a.attgenerated = ''",
+            &format!(
+                "SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid)
+                   FROM pg_catalog.pg_attrdef d
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+                  WHERE a.attrelid = $1 AND a.attname = $2{generated}"
+            ),
             &[&relid, &column],
         )
         .await

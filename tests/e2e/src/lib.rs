@@ -40,9 +40,15 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn as_postgres(args: &[&str]) -> Command {
+/// A command run as the `postgres` OS user, with the shared libraries of
+/// another PostgreSQL version when `lib` is given.
+fn as_postgres_with(lib: Option<&str>, args: &[&str]) -> Command {
     let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"]).args(args);
+    c.args(["-u", "postgres", "--"]);
+    if let Some(lib) = lib {
+        c.arg("env").arg(format!("LD_LIBRARY_PATH={lib}"));
+    }
+    c.args(args);
     c
 }
 
@@ -51,6 +57,27 @@ pub struct Cluster {
     dir: PathBuf,
     port: u16,
     running: bool,
+    /// The server binaries (PostgreSQL 15 of the system, or another major
+    /// fetched by scripts/pg-versions.sh) and their shared libraries.
+    bin: String,
+    lib: Option<String>,
+    major: u32,
+}
+
+/// Binaries of PostgreSQL `major` (fetched once into a cache by
+/// scripts/pg-versions.sh; 15 is the system's): (bin dir, lib dir).
+pub fn binaries(major: u32) -> (String, Option<String>) {
+    if major == 15 {
+        return (BIN.to_string(), None);
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/pg-versions.sh");
+    let out = run(Command::new(script).arg(major.to_string()));
+    let line = out.lines().last().unwrap_or_default().to_string();
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    match parts.as_slice() {
+        [_, bin, lib] => (bin.to_string(), Some(lib.to_string())),
+        _ => panic!("scripts/pg-versions.sh {major} printed {line:?}"),
+    }
 }
 
 pub enum Kind {
@@ -63,6 +90,15 @@ impl Cluster {
         Cluster::new(Kind::Source, &[])
     }
 
+    /// A source cluster running PostgreSQL `major` (10 to 18).
+    pub fn source_version(major: u32) -> Cluster {
+        Cluster::build(Kind::Source, &[], major)
+    }
+
+    pub fn major(&self) -> u32 {
+        self.major
+    }
+
     pub fn destination() -> Cluster {
         Cluster::new(Kind::Destination, &[])
     }
@@ -72,27 +108,36 @@ impl Cluster {
     }
 
     pub fn new(kind: Kind, extra: &[(&str, &str)]) -> Cluster {
+        Cluster::build(kind, extra, 15)
+    }
+
+    fn build(kind: Kind, extra: &[(&str, &str)], major: u32) -> Cluster {
+        let (bin, lib) = binaries(major);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let dir = PathBuf::from(format!("/tmp/synchdb-e2e-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create cluster dir");
         run(Command::new("chown").args(["postgres", dir.to_str().unwrap_or_default()]));
         let data = dir.join("data");
-        run(&mut as_postgres(&[
-            &format!("{BIN}/initdb"),
-            "-D",
-            data.to_str().unwrap_or_default(),
-            "-U",
-            "postgres",
-            "--auth-local=trust",
-            "--auth-host=scram-sha-256",
-            "--no-sync",
-        ]));
+        run(&mut as_postgres_with(
+            lib.as_deref(),
+            &[
+                &format!("{bin}/initdb"),
+                "-D",
+                data.to_str().unwrap_or_default(),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+            ],
+        ));
         let port = free_port();
         let mut conf = format!(
             "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_replication_slots = 20\nmax_wal_senders = 20\n\
-             log_min_messages = info\nwal_sender_timeout = 60s\n",
+             log_min_messages = info\nwal_sender_timeout = 60s\n\
+             password_encryption = 'scram-sha-256'\n",
             dir.display()
         );
         if let Kind::Destination = kind {
@@ -109,6 +154,9 @@ impl Cluster {
             dir,
             port,
             running: false,
+            bin,
+            lib,
+            major,
         };
         c.start();
         if let Kind::Source = kind {
@@ -135,31 +183,37 @@ impl Cluster {
     }
 
     pub fn start(&mut self) {
-        run(&mut as_postgres(&[
-            &format!("{BIN}/pg_ctl"),
-            "-D",
-            &self.data(),
-            "-l",
-            &self.log_path(),
-            "-w",
-            "-t",
-            "60",
-            "start",
-        ]));
+        run(&mut as_postgres_with(
+            self.lib.as_deref(),
+            &[
+                &format!("{}/pg_ctl", self.bin),
+                "-D",
+                &self.data(),
+                "-l",
+                &self.log_path(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        ));
         self.running = true;
     }
 
     pub fn stop(&mut self, mode: &str) {
         if self.running {
-            let _ = as_postgres(&[
-                &format!("{BIN}/pg_ctl"),
-                "-D",
-                &self.data(),
-                "-m",
-                mode,
-                "-w",
-                "stop",
-            ])
+            let _ = as_postgres_with(
+                self.lib.as_deref(),
+                &[
+                    &format!("{}/pg_ctl", self.bin),
+                    "-D",
+                    &self.data(),
+                    "-m",
+                    mode,
+                    "-w",
+                    "stop",
+                ],
+            )
             .output();
             self.running = false;
         }
@@ -357,7 +411,11 @@ impl Pair {
     }
 
     pub fn with_destination(dst: Cluster) -> Pair {
-        let src = Cluster::source();
+        Pair::with_clusters(Cluster::source(), dst)
+    }
+
+    /// The sample data on `src`, the extension in `dst`.
+    pub fn with_clusters(src: Cluster, dst: Cluster) -> Pair {
         src.execute(
             "CREATE TABLE public.orders (id int PRIMARY KEY, customer text NOT NULL,
                                          amount numeric(10,2), created timestamptz DEFAULT now());

@@ -1,0 +1,635 @@
+//! The replication-protocol client: a walsender session on the source
+//! (startup with `replication=database`, SCRAM-SHA-256 / MD5 / password
+//! authentication), simple queries on it (`CREATE_REPLICATION_SLOT ...
+//! EXPORT_SNAPSHOT`), and `START_REPLICATION` with the pgoutput options the
+//! server's version accepts. Once streaming, a task on the worker's runtime
+//! reads the socket, hands `XLogData` and keepalives to the worker through a
+//! bounded channel, and sends standby status updates with the position the
+//! worker has made durable. Messages are framed here (with a size limit),
+//! never trusted for their claimed length; message building and the SCRAM
+//! exchange come from `postgres-protocol`.
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+
+/// The largest backend message accepted (a pgoutput message carries at
+/// most one row; a row is at most about 1 GB of values plus framing).
+const MAX_MESSAGE: usize = (1 << 30) + (64 << 20);
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReplError {
+    #[error("{0}")]
+    Io(String),
+    #[error("server error: {message} (SQLSTATE {code})")]
+    Server { message: String, code: String },
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+fn io(e: std::io::Error) -> ReplError {
+    ReplError::Io(e.to_string())
+}
+
+/// Where and how to open a replication session. The password is only
+/// used for authentication and never printed.
+#[derive(Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub dbname: String,
+    pub application_name: String,
+    /// Session settings (`-c name=value ...`).
+    pub options: String,
+}
+
+/// One frame of the backend protocol: type byte and body.
+type Frame = (u8, Bytes);
+
+/// Takes one complete message off the front of `buf`, if there is one.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ReplError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|l| (4..=MAX_MESSAGE).contains(l))
+        .ok_or_else(|| {
+            ReplError::Protocol(format!("message '{}' claims length {len}", buf[0] as char))
+        })?;
+    if buf.len() < 1 + len {
+        // Room for the rest, bounded by the limit checked above.
+        buf.reserve(1 + len - buf.len());
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(1 + len).freeze();
+    let tag = frame[0];
+    frame.advance(5);
+    Ok(Some((tag, frame)))
+}
+
+/// The message and SQLSTATE of an ErrorResponse body.
+pub fn parse_error(body: &[u8]) -> ReplError {
+    let mut message = String::new();
+    let mut code = String::new();
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match field {
+            b'M' => message = value,
+            b'C' => code = value,
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    ReplError::Server { message, code }
+}
+
+fn be_u64(b: &[u8], at: usize) -> Result<u64, ReplError> {
+    b.get(at..at + 8)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| ReplError::Protocol("truncated replication message".into()))
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+impl Conn {
+    async fn flush_out(&mut self) -> Result<(), ReplError> {
+        let out = self.out.split();
+        self.stream.write_all(&out).await.map_err(io)
+    }
+
+    async fn frame(&mut self) -> Result<Frame, ReplError> {
+        loop {
+            if let Some(f) = take_frame(&mut self.buf)? {
+                return Ok(f);
+            }
+            self.buf.reserve(8192);
+            let n = self.stream.read_buf(&mut self.buf).await.map_err(io)?;
+            if n == 0 {
+                return Err(ReplError::Io("the source closed the connection".into()));
+            }
+        }
+    }
+}
+
+/// A replication session before streaming.
+pub struct Session {
+    conn: Conn,
+}
+
+impl Session {
+    /// Connects and authenticates (10 s limit).
+    pub async fn connect(cfg: &Config) -> Result<Session, ReplError> {
+        tokio::time::timeout(Duration::from_secs(10), Session::connect_inner(cfg))
+            .await
+            .map_err(|_| ReplError::Io("timed out connecting to the source".into()))?
+    }
+
+    async fn connect_inner(cfg: &Config) -> Result<Session, ReplError> {
+        let stream = TcpStream::connect((cfg.host.as_str(), cfg.port))
+            .await
+            .map_err(io)?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::with_capacity(64 * 1024),
+            out: BytesMut::new(),
+        };
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", cfg.user.as_str()),
+            ("database", cfg.dbname.as_str()),
+            ("replication", "database"),
+            ("client_encoding", "UTF8"),
+            ("application_name", cfg.application_name.as_str()),
+        ];
+        if !cfg.options.is_empty() {
+            params.push(("options", cfg.options.as_str()));
+        }
+        frontend::startup_message(params, &mut conn.out).map_err(io)?;
+        conn.flush_out().await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let (tag, body) = conn.frame().await?;
+            match tag {
+                b'R' => {
+                    let code = body
+                        .get(..4)
+                        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+                        .map(i32::from_be_bytes)
+                        .ok_or_else(|| {
+                            ReplError::Protocol("short authentication request".into())
+                        })?;
+                    let data = &body[4..];
+                    match code {
+                        0 => {}
+                        3 => {
+                            frontend::password_message(cfg.password.as_bytes(), &mut conn.out)
+                                .map_err(io)?;
+                        }
+                        5 => {
+                            let salt = <[u8; 4]>::try_from(data.get(..4).unwrap_or(&[]))
+                                .map_err(|_| ReplError::Protocol("short MD5 salt".into()))?;
+                            let hash = md5_hash(cfg.user.as_bytes(), cfg.password.as_bytes(), salt);
+                            frontend::password_message(hash.as_bytes(), &mut conn.out)
+                                .map_err(io)?;
+                        }
+                        10 => {
+                            let offers_scram = data
+                                .split(|b| *b == 0)
+                                .any(|m| m == SCRAM_SHA_256.as_bytes());
+                            if !offers_scram {
+                                return Err(ReplError::Protocol(
+                                    "the source offers no supported SASL mechanism".into(),
+                                ));
+                            }
+                            let s = ScramSha256::new(
+                                cfg.password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                SCRAM_SHA_256,
+                                s.message(),
+                                &mut conn.out,
+                            )
+                            .map_err(io)?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                ReplError::Protocol("SASL continue without a SASL start".into())
+                            })?;
+                            s.update(data)
+                                .map_err(|e| ReplError::Protocol(e.to_string()))?;
+                            frontend::sasl_response(s.message(), &mut conn.out).map_err(io)?;
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or_else(|| {
+                                ReplError::Protocol("SASL final without a SASL start".into())
+                            })?;
+                            s.finish(data)
+                                .map_err(|e| ReplError::Protocol(e.to_string()))?;
+                        }
+                        other => {
+                            return Err(ReplError::Protocol(format!(
+                                "the source asks for an unsupported authentication method ({other})"
+                            )))
+                        }
+                    }
+                    if !conn.out.is_empty() {
+                        conn.flush_out().await?;
+                    }
+                }
+                b'E' => return Err(parse_error(&body)),
+                b'Z' => return Ok(Session { conn }),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs one statement; returns its rows as text (NULL as `None`).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ReplError> {
+        frontend::query(sql, &mut self.conn.out).map_err(io)?;
+        self.conn.flush_out().await?;
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            let (tag, body) = self.conn.frame().await?;
+            match tag {
+                b'D' => rows.push(parse_data_row(&body)?),
+                b'E' => failure = Some(parse_error(&body)),
+                b'Z' => {
+                    return match failure {
+                        Some(e) => Err(e),
+                        None => Ok(rows),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts streaming from `slot` at `start` with the given pgoutput
+    /// options (the text inside the parentheses).
+    pub async fn start(
+        mut self,
+        slot: &str,
+        start: u64,
+        plugin_options: &str,
+        buffer: usize,
+    ) -> Result<Stream, ReplError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} ({plugin_options})",
+            quote_ident(slot),
+            crate::lsn::format_lsn(start)
+        );
+        frontend::query(&sql, &mut self.conn.out).map_err(io)?;
+        self.conn.flush_out().await?;
+        loop {
+            let (tag, body) = self.conn.frame().await?;
+            match tag {
+                b'W' => break,
+                b'E' => return Err(parse_error(&body)),
+                b'Z' => {
+                    return Err(ReplError::Protocol(
+                        "START_REPLICATION ended without streaming".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let shared = Arc::new(Shared {
+            last_wal_end: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            notify: Notify::new(),
+        });
+        let (tx, rx) = mpsc::channel(buffer.max(1));
+        let task = tokio::spawn(stream_task(self.conn, tx, shared.clone()));
+        Ok(Stream { rx, shared, task })
+    }
+}
+
+/// A replication identifier, double-quoted.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A string literal of the replication grammar.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ReplError> {
+    let short = || ReplError::Protocol("truncated data row".into());
+    let n = i16::from_be_bytes(
+        <[u8; 2]>::try_from(body.get(..2).ok_or_else(short)?).map_err(|_| short())?,
+    );
+    let mut at = 2usize;
+    let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    for _ in 0..n {
+        let len = i32::from_be_bytes(
+            <[u8; 4]>::try_from(body.get(at..at + 4).ok_or_else(short)?).map_err(|_| short())?,
+        );
+        at += 4;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let end = at + usize::try_from(len).map_err(|_| short())?;
+        let v = body.get(at..end).ok_or_else(short)?;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+        at = end;
+    }
+    Ok(out)
+}
+
+/// What the stream delivers.
+#[derive(Debug)]
+pub enum Event {
+    /// One pgoutput message.
+    XLogData {
+        wal_start: u64,
+        wal_end: u64,
+        data: Bytes,
+    },
+    /// The server's keepalive: everything before `wal_end` has been sent.
+    KeepAlive { wal_end: u64 },
+}
+
+struct Shared {
+    last_wal_end: AtomicU64,
+    applied: AtomicU64,
+    notify: Notify,
+}
+
+/// A running replication stream.
+pub struct Stream {
+    rx: mpsc::Receiver<Result<Event, ReplError>>,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Stream {
+    /// The next event; `None` when the server ended the stream.
+    pub async fn recv(&mut self) -> Result<Option<Event>, ReplError> {
+        match self.rx.recv().await {
+            Some(Ok(ev)) => Ok(Some(ev)),
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    /// Reports `lsn` as applied and durable here (never moves back).
+    pub fn update_applied_lsn(&self, lsn: u64) {
+        if self.shared.applied.fetch_max(lsn, Ordering::Relaxed) < lsn {
+            self.shared.notify.notify_one();
+        }
+    }
+
+    /// The furthest WAL end the server has announced.
+    pub fn last_wal_end(&self) -> u64 {
+        self.shared.last_wal_end.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn now_pg_micros() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    unix - PG_EPOCH_OFFSET_US
+}
+
+fn status_update(applied: u64, reply: bool, out: &mut BytesMut) -> Result<(), ReplError> {
+    let mut body = Vec::with_capacity(34);
+    body.push(b'r');
+    for _ in 0..3 {
+        body.extend_from_slice(&applied.to_be_bytes());
+    }
+    body.extend_from_slice(&now_pg_micros().to_be_bytes());
+    body.push(u8::from(reply));
+    frontend::CopyData::new(&body[..]).map_err(io)?.write(out);
+    Ok(())
+}
+
+/// One CopyData payload of the stream.
+pub fn parse_copy_data(body: Bytes) -> Result<Option<(Event, bool)>, ReplError> {
+    match body.first() {
+        Some(b'w') => {
+            let wal_start = be_u64(&body, 1)?;
+            let wal_end = be_u64(&body, 9)?;
+            if body.len() < 25 {
+                return Err(ReplError::Protocol("truncated XLogData".into()));
+            }
+            Ok(Some((
+                Event::XLogData {
+                    wal_start,
+                    wal_end,
+                    data: body.slice(25..),
+                },
+                false,
+            )))
+        }
+        Some(b'k') => {
+            let wal_end = be_u64(&body, 1)?;
+            let reply = *body
+                .get(17)
+                .ok_or_else(|| ReplError::Protocol("truncated keepalive".into()))?
+                != 0;
+            Ok(Some((Event::KeepAlive { wal_end }, reply)))
+        }
+        Some(_) => Ok(None),
+        None => Err(ReplError::Protocol("empty CopyData".into())),
+    }
+}
+
+async fn stream_task(
+    mut conn: Conn,
+    tx: mpsc::Sender<Result<Event, ReplError>>,
+    shared: Arc<Shared>,
+) {
+    let r = stream_loop(&mut conn, &tx, &shared).await;
+    if let Err(e) = r {
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+async fn stream_loop(
+    conn: &mut Conn,
+    tx: &mpsc::Sender<Result<Event, ReplError>>,
+    shared: &Shared,
+) -> Result<(), ReplError> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent_applied = 0u64;
+    loop {
+        while let Some((tag, body)) = take_frame(&mut conn.buf)? {
+            match tag {
+                b'd' => {
+                    let Some((ev, reply)) = parse_copy_data(body)? else {
+                        continue;
+                    };
+                    let end = match &ev {
+                        Event::XLogData { wal_end, .. } | Event::KeepAlive { wal_end } => *wal_end,
+                    };
+                    shared.last_wal_end.fetch_max(end, Ordering::Relaxed);
+                    if reply {
+                        let applied = shared.applied.load(Ordering::Relaxed);
+                        status_update(applied, false, &mut conn.out)?;
+                        conn.flush_out().await?;
+                        sent_applied = applied;
+                    }
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                b'E' => return Err(parse_error(&body)),
+                // CopyDone: the server ends the stream.
+                b'c' => return Ok(()),
+                _ => {}
+            }
+        }
+        conn.buf.reserve(64 * 1024);
+        tokio::select! {
+            r = conn.stream.read_buf(&mut conn.buf) => {
+                if r.map_err(io)? == 0 {
+                    return Err(ReplError::Io("the source closed the replication connection".into()));
+                }
+            }
+            _ = tick.tick() => {
+                let applied = shared.applied.load(Ordering::Relaxed);
+                status_update(applied, false, &mut conn.out)?;
+                conn.flush_out().await?;
+                sent_applied = applied;
+            }
+            _ = shared.notify.notified() => {
+                let applied = shared.applied.load(Ordering::Relaxed);
+                if applied != sent_applied {
+                    status_update(applied, false, &mut conn.out)?;
+                    conn.flush_out().await?;
+                    sent_applied = applied;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(i32::try_from(body.len() + 4).unwrap_or(0)).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn frames_split_anywhere() {
+        let mut all = frame(b'Z', b"I");
+        all.extend(frame(b'd', b"kabcdefgh12345678\x01"));
+        for cut in 0..all.len() {
+            let mut buf = BytesMut::from(&all[..cut]);
+            let mut got = Vec::new();
+            while let Some(f) = take_frame(&mut buf).expect("valid") {
+                got.push(f);
+            }
+            buf.extend_from_slice(&all[cut..]);
+            while let Some(f) = take_frame(&mut buf).expect("valid") {
+                got.push(f);
+            }
+            assert_eq!(got.len(), 2, "cut at {cut}");
+            assert_eq!(got[0].0, b'Z');
+            assert_eq!(&got[1].1[..], b"kabcdefgh12345678\x01");
+        }
+    }
+
+    #[test]
+    fn absurd_lengths_are_refused_without_allocating() {
+        for len in [-1i32, 0, 3, i32::MAX] {
+            let mut buf = BytesMut::from(&[b'd'][..]);
+            buf.extend_from_slice(&len.to_be_bytes());
+            assert!(take_frame(&mut buf).is_err(), "length {len}");
+            assert!(buf.capacity() < 1 << 20);
+        }
+    }
+
+    #[test]
+    fn copy_data_kinds() {
+        let mut w = vec![b'w'];
+        w.extend_from_slice(&5u64.to_be_bytes());
+        w.extend_from_slice(&9u64.to_be_bytes());
+        w.extend_from_slice(&0i64.to_be_bytes());
+        w.extend_from_slice(b"Bxyz");
+        match parse_copy_data(Bytes::from(w)) {
+            Ok(Some((
+                Event::XLogData {
+                    wal_start: 5,
+                    wal_end: 9,
+                    data,
+                },
+                false,
+            ))) => assert_eq!(&data[..], b"Bxyz"),
+            other => panic!("{other:?}"),
+        }
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&7u64.to_be_bytes());
+        k.extend_from_slice(&0i64.to_be_bytes());
+        k.push(1);
+        assert!(matches!(
+            parse_copy_data(Bytes::from(k)),
+            Ok(Some((Event::KeepAlive { wal_end: 7 }, true)))
+        ));
+        // Truncated messages are errors, never panics.
+        let mut w = vec![b'w'];
+        w.extend_from_slice(&[0u8; 30]);
+        for cut in 1..25 {
+            assert!(
+                parse_copy_data(Bytes::from(w[..cut].to_vec())).is_err(),
+                "cut {cut}"
+            );
+        }
+        assert!(parse_copy_data(Bytes::from_static(b"k\0\0")).is_err());
+        assert!(parse_copy_data(Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn error_fields() {
+        let e = parse_error(b"SERROR\0C42704\0Mno such slot\0\0");
+        assert_eq!(e.to_string(), "server error: no such slot (SQLSTATE 42704)");
+        // Unterminated fields do not panic.
+        let _ = parse_error(b"Mabc");
+        let _ = parse_error(b"");
+    }
+
+    #[test]
+    fn data_rows() {
+        let mut b = 2i16.to_be_bytes().to_vec();
+        b.extend_from_slice(&3i32.to_be_bytes());
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(
+            parse_data_row(&b).expect("row"),
+            vec![Some("abc".to_string()), None]
+        );
+        assert!(parse_data_row(&b[..5]).is_err());
+        let mut huge = 1i16.to_be_bytes().to_vec();
+        huge.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert!(parse_data_row(&huge).is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("a'b"), "'a''b'");
+    }
+}

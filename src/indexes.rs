@@ -455,6 +455,11 @@ fn build_index(ix: &SourceIndex, dst_schema: &str, dst_table: &str) {
             pgrx::error!("{e}");
         }
     };
+    let previous = match Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')")
+    {
+        Ok(p) => p.unwrap_or_default(),
+        Err(e) => pgrx::error!("{e}"),
+    };
     if let Err(e) = Spi::run_with_args(
         "SELECT pg_catalog.set_config('search_path', $1, true)",
         &[quote_ident(dst_schema).as_str().into()],
@@ -465,7 +470,10 @@ fn build_index(ix: &SourceIndex, dst_schema: &str, dst_table: &str) {
     if let Some(c) = &ix.constraint {
         run(&add_constraint_sql(ix, c, dst_schema, dst_table));
     }
-    if let Err(e) = Spi::run("SELECT pg_catalog.set_config('search_path', '', true)") {
+    if let Err(e) = Spi::run_with_args(
+        "SELECT pg_catalog.set_config('search_path', $1, true)",
+        &[previous.as_str().into()],
+    ) {
         pgrx::error!("{e}");
     }
 }

@@ -11,7 +11,7 @@ use crate::conninfo::{ConnInfo, TableRef};
 use crate::source::{self, describe_pg_error, SourceError};
 use crate::sqlgen::{self, qualified, quote_ident, quote_literal};
 use pgrx::prelude::*;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -467,7 +467,7 @@ fn synchdb_sync_sequences(
         .iter()
         .map(|(t, ds, dt)| (t, (ds.as_str(), dt.as_str())))
         .collect();
-    let mut done: HashMap<String, ()> = HashMap::new();
+    let mut done: HashSet<String> = HashSet::new();
     let mut out = Vec::new();
     for (t, seqs) in &per_table {
         let Some(&(dst_schema, dst_table)) = dst_of.get(t) else {
@@ -538,7 +538,7 @@ fn synchdb_sync_sequences(
                 }
                 seq_sql
             };
-            if done.insert(target.clone(), ()).is_none() {
+            if done.insert(target.clone()) {
                 if let Err(e) = Spi::run_with_args(
                     "SELECT pg_catalog.setval($1::pg_catalog.regclass, $2, $3)",
                     &[

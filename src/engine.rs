@@ -563,9 +563,27 @@ impl PublicationWatch {
             schema: &schema,
             explicit: explicit.as_deref(),
         };
-        let added = block(rt, source::ensure_publication(client, &spec, &tables))??;
         let dst_schema = info.srcdb.clone();
-        request_copies(ctx, rt, client, mode, &tables, &added, &dst_schema)
+        match block(rt, source::ensure_publication(client, &spec, &tables))? {
+            Ok(added) => request_copies(ctx, rt, client, mode, &tables, &added, &dst_schema),
+            Err(SourceError::NeedsAdmin {
+                what,
+                sql,
+                tables: missing,
+            }) => {
+                // A table that appeared while streaming and is not in an
+                // admin's publication: once an admin adds it, its rows
+                // written before come from a copy.
+                request_copies(ctx, rt, client, mode, &tables, &missing, &dst_schema)?;
+                Err(SourceError::NeedsAdmin {
+                    what,
+                    sql,
+                    tables: missing,
+                }
+                .into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

@@ -33,7 +33,12 @@ pub enum SourceError {
     Stream(String),
     /// Something only an admin of the source can do; the connector retries.
     #[error("{what}; an admin must run on the source: {sql} (the connector retries until then)")]
-    NeedsAdmin { what: String, sql: String },
+    NeedsAdmin {
+        what: String,
+        sql: String,
+        /// Captured tables the publication lacks.
+        tables: Vec<TableRef>,
+    },
 }
 
 thread_local! {
@@ -572,6 +577,7 @@ pub async fn ensure_publication(
             return Err(SourceError::NeedsAdmin {
                 what: format!("publication \"{}\" does not exist on the source", spec.name),
                 sql,
+                tables: Vec::new(),
             });
         }
         return match client.batch_execute(&sql).await {
@@ -583,6 +589,7 @@ pub async fn ensure_publication(
                     describe_pg_error(&e)
                 ),
                 sql,
+                tables: Vec::new(),
             }),
             Err(e) => Err(SourceError::from_pg(e)),
         };
@@ -605,6 +612,7 @@ pub async fn ensure_publication(
                 "ALTER PUBLICATION {} SET (publish = '{ops}')",
                 quote(spec.name)
             ),
+            tables: Vec::new(),
         });
     }
     if all_tables {
@@ -656,6 +664,7 @@ pub async fn ensure_publication(
                 quote(spec.name),
                 table_list(&missing)
             ),
+            tables: missing,
         });
     }
     // The connector's own publication: exactly the captured tables.

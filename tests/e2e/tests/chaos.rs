@@ -59,6 +59,31 @@ fn library_mtime() -> Option<std::time::SystemTime> {
     std::fs::metadata(lib).and_then(|m| m.modified()).ok()
 }
 
+/// The source's major version (`SYNCHDB_CHAOS_SOURCE`, default 15).
+fn source_major() -> u32 {
+    std::env::var("SYNCHDB_CHAOS_SOURCE")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(15)
+}
+
+/// A volatile uuid expression the source has (gen_random_uuid is core from 13).
+fn uuid_fn() -> &'static str {
+    if source_major() >= 13 {
+        "gen_random_uuid()"
+    } else {
+        "md5(random()::text || clock_timestamp()::text)::uuid"
+    }
+}
+
+fn uuid_text_fn() -> &'static str {
+    if source_major() >= 13 {
+        "gen_random_uuid()::text"
+    } else {
+        "md5(random()::text || clock_timestamp()::text)"
+    }
+}
+
 /// splitmix64: small, seedable, good enough to drive a workload.
 struct Rng(u64);
 
@@ -232,7 +257,12 @@ struct Chaos {
 
 impl Chaos {
     fn new(seed: u64) -> Chaos {
-        let pair = Pair::new();
+        // SYNCHDB_CHAOS_SOURCE=12 runs the workload against a PostgreSQL 12
+        // source (any major of scripts/pg-versions.sh).
+        let pair = match source_major() {
+            15 => Pair::new(),
+            v => Pair::with_clusters(Cluster::source_version(v), Cluster::destination()),
+        };
         Chaos {
             seed,
             rng: Rng(seed ^ 0x5EED_C4A0_5EED_C4A0),
@@ -421,7 +451,7 @@ impl Chaos {
                     self.rng.below(100_000_000)
                 )
             }
-            "uuid" => "gen_random_uuid()".into(),
+            "uuid" => uuid_fn().into(),
             _ => "NULL".into(),
         }
     }
@@ -820,14 +850,14 @@ impl Chaos {
             ("bigint", Some("42")),
             ("text", None),
             ("text", Some("'dflt'")),
-            ("text", Some("gen_random_uuid()::text")),
+            ("text", Some(uuid_text_fn())),
             ("text", Some("public.big(1)")),
             ("varchar(30)", Some("'v'")),
             ("numeric(8,2)", Some("1.5")),
             ("timestamptz", Some("clock_timestamp()")),
             ("timestamptz", Some("now()")),
             ("public.mood", Some("'calm'")),
-            ("uuid", Some("gen_random_uuid()")),
+            ("uuid", Some(uuid_fn())),
         ]);
         let name = format!("c{}", self.step);
         let mut sql = format!(

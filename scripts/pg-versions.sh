@@ -29,6 +29,9 @@ majors=("$@")
 
 mkdir -p "$CACHE"
 chmod 755 "$CACHE"
+# One fetch at a time (tests running in parallel ask for the same version).
+exec 9>"$CACHE/.lock"
+flock 9
 for m in "${majors[@]}"; do
     v=${PKG[$m]:-}
     if [ -z "$v" ]; then

@@ -19,5 +19,8 @@ cargo clippy --release --all-targets --manifest-path tests/e2e/Cargo.toml -- -D 
 echo "== unit tests"
 cargo test --lib
 
+echo "== source PostgreSQL versions for the version matrix (fetched once, cached)"
+./scripts/pg-versions.sh
+
 echo "== end-to-end tests"
 cargo test --release --manifest-path tests/e2e/Cargo.toml -- --test-threads="${SYNCHDB_TEST_THREADS:-2}" "$@"

@@ -336,6 +336,12 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     let rt = &source::runtime()?;
     let client = block(rt, source::connect(&info))??;
     block(rt, source::preflight(&client, &info))??;
+    if source::server_version() < 110000 {
+        pgrx::warning!(
+            "synchdb: connector \"{}\": the source runs PostgreSQL 10, which does not decode TRUNCATE: a TRUNCATE there is not replicated",
+            ctx.name
+        );
+    }
     let tables = block(
         rt,
         source::list_tables(&client, &src_schema, explicit.as_deref()),

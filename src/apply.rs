@@ -70,9 +70,9 @@ pub trait SourceCatalog {
     fn relation_name(&mut self, relid: u32) -> Result<Option<TableRef>, String>;
     /// The default expression of a source column, if it has one.
     fn column_default(&mut self, relid: u32, column: &str) -> Result<Option<String>, String>;
-    /// The top partitioned table above a source relation that is a
-    /// partition: its OID and name.
-    fn partition_root(&mut self, relid: u32) -> Result<Option<(u32, TableRef)>, String>;
+    /// The partitioned tables above a source relation that is a
+    /// partition, nearest first: OID and name.
+    fn partition_ancestors(&mut self, relid: u32) -> Result<Vec<(u32, TableRef)>, String>;
     /// The OIDs of the leaf partitions under a partitioned source table.
     fn partition_leaves(&mut self, root: u32) -> Result<Vec<u32>, String>;
 }
@@ -176,6 +176,20 @@ pub struct Applier<'c> {
     targets: HashMap<TableRef, TableTarget>,
     /// Partitions published under their own name: their captured root.
     partition_of: HashMap<u32, (u32, TableRef)>,
+    /// Set while a partition's Relation message (made to describe its
+    /// root) is followed: its key is the partition's own.
+    via_partition: bool,
+    /// What the connector captures (the schema, or the explicit list): a
+    /// table outside it that the publication carries (an admin's
+    /// publication may publish more) is never applied.
+    pub captured: Option<(String, Option<Vec<TableRef>>)>,
+    /// Tables created on the source while streaming are copied rather than
+    /// built from the stream: the publication did not carry them from their
+    /// creation (a source before 15, or an admin's publication).
+    pub copy_late_tables: bool,
+    /// Set, with an ERROR raised, when a table the stream brings must be
+    /// copied (`copy_late_tables`): the engine records it and restarts.
+    pub late_copy: Option<TableRef>,
     /// May tables be created from Relation messages when missing (not in `never`).
     create_missing: bool,
     dst_schema: String,
@@ -228,6 +242,10 @@ impl<'c> Applier<'c> {
             rels: HashMap::new(),
             targets,
             partition_of: HashMap::new(),
+            via_partition: false,
+            captured: None,
+            copy_late_tables: false,
+            late_copy: None,
             create_missing,
             dst_schema: dst_schema.to_string(),
             in_xact: false,
@@ -442,6 +460,9 @@ impl<'c> Applier<'c> {
                 unsafe { pg_sys::SPI_freeplan(p) };
             }
         }
+        // A Relation message follows any change to the relation (a detach
+        // too): what it is a partition of is looked up again.
+        self.partition_of.remove(&msg_id);
         self.as_partition_root(&mut rel);
         self.current_rel_id = Some(msg_id);
         self.rels.insert(
@@ -457,6 +478,15 @@ impl<'c> Applier<'c> {
                 direct: None,
             },
         );
+    }
+
+    /// Whether source table `t` is one the connector captures.
+    fn is_captured(&self, t: &TableRef) -> bool {
+        match &self.captured {
+            None => true,
+            Some((_, Some(list))) => list.contains(t),
+            Some((schema, None)) => &t.schema == schema,
+        }
     }
 
     /// A partition published under its own name (by a source before
@@ -479,16 +509,16 @@ impl<'c> Applier<'c> {
             rel.name = name.table;
             return;
         }
-        let root = match self.catalog.partition_root(rel.id) {
+        let ancestors = match self.catalog.partition_ancestors(rel.id) {
             Ok(r) => r,
             Err(e) => pgrx::error!("finding the partitioned table of source relation {key}: {e}"),
         };
-        let Some((oid, name)) = root else { return };
-        let captured =
-            self.targets.values().any(|t| t.src_relid == oid) || self.targets.contains_key(&name);
-        if !captured {
-            return;
-        }
+        // The nearest captured ancestor (a captured partitioned table may
+        // itself be a partition of one that is not captured).
+        let found = ancestors.into_iter().find(|(oid, name)| {
+            self.targets.values().any(|t| t.src_relid == *oid) || self.targets.contains_key(name)
+        });
+        let Some((oid, name)) = found else { return };
         self.partition_of.insert(rel.id, (oid, name.clone()));
         rel.id = oid;
         rel.namespace = name.schema;
@@ -568,6 +598,7 @@ impl<'c> Applier<'c> {
     /// source columns onto the destination table.
     fn sync_entry(&mut self, rel_id: u32) {
         let rel = self.rels[&rel_id].rel.clone();
+        self.via_partition = rel.id != rel_id;
         let key = TableRef {
             schema: rel.namespace.clone(),
             table: rel.name.clone(),
@@ -614,6 +645,21 @@ impl<'c> Applier<'c> {
             src_relid: rel.id,
             src_columns: None,
         });
+        if known.is_none() && !self.is_captured(&key) {
+            // Published but not captured (an admin's publication may carry
+            // more tables): never applied.
+            if let Some(e) = self.rels.get_mut(&rel_id) {
+                e.target = None;
+                e.synced = true;
+            }
+            return;
+        }
+        if known.is_none() && self.copy_late_tables && self.create_missing {
+            // Its rows written before it joined the publication are not in
+            // the stream: it is copied under a fresh snapshot instead.
+            self.late_copy = Some(key.clone());
+            pgrx::error!("source table {key} is new; it is copied");
+        }
         let existing = schema::relid(&target.dst_schema, &target.dst_table);
         if let Some(relid) = existing {
             unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
@@ -861,7 +907,7 @@ impl<'c> Applier<'c> {
         // A primary key changed on the source (default replica identity:
         // the key columns are flagged): the destination's key, and the rows
         // it would now reject or let in twice, follow through a fresh copy.
-        if self.can_resync && rel.replica_identity == b'd' {
+        if self.can_resync && rel.replica_identity == b'd' && !self.via_partition {
             let mut src_key: Vec<String> = rel
                 .columns
                 .iter()

@@ -356,8 +356,11 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
             schema: &src_schema,
             explicit: explicit.as_deref(),
         };
-        let added = block(rt, source::ensure_publication(&client, &spec, &tables))??;
-        request_copies(ctx, rt, &client, mode, &tables, &added, &dst_schema)?;
+        let mut owe = |owed: &[TableRef]| owe_copies(&ctx.name, mode, &tables, owed, &dst_schema);
+        block(
+            rt,
+            source::ensure_publication(&client, &spec, &tables, &mut owe),
+        )??;
     }
     let mut fresh_slot_at: Option<u64> = None;
     if mode.streams() && block(rt, source::slot_position(&client, &object))??.is_none() {
@@ -450,7 +453,8 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
             })?;
         }
     }
-    if plan.may_copy() && !copy.is_empty() {
+    let forced = copy.iter().any(|t| stored.get(t).is_some_and(|s| s.forced));
+    if (plan.may_copy() || forced) && !copy.is_empty() {
         slot.set_stage(Stage::InitialSnapshot);
         slot.set_state(State::Syncing);
         snapshot_tables(
@@ -570,8 +574,12 @@ impl PublicationWatch {
             explicit: explicit.as_deref(),
         };
         let dst_schema = info.srcdb.clone();
-        match block(rt, source::ensure_publication(client, &spec, &tables))? {
-            Ok(added) => request_copies(ctx, rt, client, mode, &tables, &added, &dst_schema),
+        let mut owe = |owed: &[TableRef]| owe_copies(&ctx.name, mode, &tables, owed, &dst_schema);
+        match block(
+            rt,
+            source::ensure_publication(client, &spec, &tables, &mut owe),
+        )? {
+            Ok(added) => Ok(!added.is_empty() && mode != Mode::Never),
             Err(SourceError::NeedsAdmin {
                 what,
                 sql,
@@ -580,7 +588,7 @@ impl PublicationWatch {
                 // A table that appeared while streaming and is not in an
                 // admin's publication: once an admin adds it, its rows
                 // written before come from a copy.
-                request_copies(ctx, rt, client, mode, &tables, &missing, &dst_schema)?;
+                owe_copies(&ctx.name, mode, &tables, &missing, &dst_schema)?;
                 Err(SourceError::NeedsAdmin {
                     what,
                     sql,
@@ -593,50 +601,39 @@ impl PublicationWatch {
     }
 }
 
-/// Tables that just joined the publication (after rows were written to
-/// them: a source before PostgreSQL 15 has no schema publication, one
-/// before 13 publishes each partition) owe a copy: the captured table that
-/// holds each is marked so, whatever the mode but never.
-fn request_copies(
-    ctx: &WorkerContext,
-    rt: &tokio::runtime::Runtime,
-    client: &tokio_postgres::Client,
+/// Captured tables that join the publication after rows were written to
+/// them (a source before PostgreSQL 15 has no schema publication, one
+/// before 13 publishes each partition) owe a copy, whatever the mode but
+/// never: recorded (state 'copy') before they join.
+fn owe_copies(
+    connector: &str,
     mode: Mode,
     tables: &[TableRef],
-    added: &[TableRef],
+    owed: &[TableRef],
     dst_schema: &str,
-) -> Result<bool, Stop> {
-    if added.is_empty() {
-        return Ok(false);
+) -> Result<(), SourceError> {
+    if owed.is_empty() {
+        return Ok(());
+    }
+    if mode == Mode::Never {
+        pgrx::warning!(
+            "synchdb: connector \"{connector}\": {} joined the publication now; in mode never rows written before are not copied",
+            owed.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+        );
+        return Ok(());
     }
     let names = sqlgen::destination_names(tables);
-    let mut any = false;
-    for t in tables {
-        let leaves = block(rt, source::leaf_tables(client, std::slice::from_ref(t)))??;
-        if !added.contains(t) && !leaves.iter().any(|l| added.contains(l)) {
-            continue;
+    pgtxn::run(|| {
+        for t in owed {
+            let dst = names.get(t).cloned().unwrap_or_else(|| t.table.clone());
+            schema::request_copy(connector, t, dst_schema, &dst);
         }
-        if mode == Mode::Never {
-            pgrx::warning!(
-                "synchdb: connector \"{}\": {t} joined the publication now; in mode never its rows written before are not copied",
-                ctx.name
-            );
-            continue;
-        }
-        let dst = names.get(t).cloned().unwrap_or_else(|| t.table.clone());
-        pgtxn::run(|| schema::request_copy(&ctx.name, t, dst_schema, &dst)).map_err(|e| {
-            Stop::Apply {
-                msg: format!("recording the copy owed to {t}: {e}"),
-                at: None,
-            }
-        })?;
-        pgrx::log!(
-            "synchdb: connector \"{}\": {t} joined the publication; it is copied",
-            ctx.name
-        );
-        any = true;
+    })
+    .map_err(|e| SourceError::Query(format!("recording the copies owed: {e}")))?;
+    for t in owed {
+        pgrx::log!("synchdb: connector \"{connector}\": {t} joined the publication; it is copied");
     }
-    Ok(any)
+    Ok(())
 }
 
 /// The shapes of the given source tables (those that no longer exist left
@@ -1153,6 +1150,16 @@ fn stream(
     skip.retain(|(lsn, _)| *lsn >= start);
     applier.skip = skip.clone();
     applier.can_resync = matches!(mode, Mode::Initial | Mode::Always);
+    applier.copy_late_tables = !info.owns_publication() || source::server_version() < 150000;
+    let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
+    applier.captured = Some(match explicit {
+        Some(list) => (String::new(), Some(list)),
+        None => (
+            info.source_schema()
+                .map_err(|e| Stop::Fatal(e.to_string()))?,
+            None,
+        ),
+    });
     let mut last_check = Instant::now();
     let mut last_request_check = Instant::now();
     let mut last_received_check = Instant::now();
@@ -1346,11 +1353,22 @@ fn stream(
                 let at = applier.failed_change();
                 let e = format!("{e} ({})", applier.context());
                 let resync = applier.resync.take();
+                let late_copy = applier.late_copy.take();
                 let type_oids = applier.current_type_oids();
                 applier.abort();
                 drop(client);
                 if let Some((table, target)) = resync {
                     return resync_table(ctx, &table, &target);
+                }
+                if let Some(table) = late_copy {
+                    owe_copies(
+                        &ctx.name,
+                        mode,
+                        std::slice::from_ref(&table),
+                        std::slice::from_ref(&table),
+                        dst_schema,
+                    )?;
+                    return Err(Stop::Restart);
                 }
                 if e.contains(crate::relcache::APPLY_AGAIN) {
                     pgrx::log!("synchdb: connector \"{}\": {e}", ctx.name);
@@ -1530,8 +1548,8 @@ impl apply::SourceCatalog for LiveCatalog<'_> {
             .map_err(|e| e.to_string())
     }
 
-    fn partition_root(&mut self, relid: u32) -> Result<Option<(u32, TableRef)>, String> {
-        block(self.rt, source::partition_root(&self.client, relid))
+    fn partition_ancestors(&mut self, relid: u32) -> Result<Vec<(u32, TableRef)>, String> {
+        block(self.rt, source::partition_ancestors(&self.client, relid))
             .map_err(stop_text)?
             .map_err(|e| e.to_string())
     }

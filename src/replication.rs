@@ -487,8 +487,22 @@ async fn stream_loop(
                         conn.flush_out().await?;
                         sent_applied = applied;
                     }
-                    if tx.send(Ok(ev)).await.is_err() {
-                        return Ok(());
+                    // While the worker is busy (or paused) and the channel
+                    // full, keep telling the server we are alive.
+                    let permit = loop {
+                        tokio::select! {
+                            p = tx.reserve() => break p,
+                            _ = tick.tick() => {
+                                let applied = shared.applied.load(Ordering::Relaxed);
+                                status_update(applied, false, &mut conn.out)?;
+                                conn.flush_out().await?;
+                                sent_applied = applied;
+                            }
+                        }
+                    };
+                    match permit {
+                        Ok(p) => p.send(Ok(ev)),
+                        Err(_) => return Ok(()),
                     }
                 }
                 b'E' => return Err(parse_error(&body)),
@@ -496,6 +510,11 @@ async fn stream_loop(
                 b'c' => return Ok(()),
                 _ => {}
             }
+        }
+        if conn.buf.capacity() > 16 << 20 && conn.buf.len() < 1 << 20 {
+            // After a huge message: do not keep its buffer for the rest of
+            // the stream.
+            conn.buf = BytesMut::from(&conn.buf[..]);
         }
         conn.buf.reserve(64 * 1024);
         tokio::select! {

@@ -251,6 +251,7 @@ pub async fn list_tables(
                     "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c
                        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                       WHERE n.nspname = $1 AND c.relkind IN ('r','p') AND NOT c.relispartition
+                        AND c.relpersistence = 'p'
                       ORDER BY c.relname",
                     &[&schema],
                 )
@@ -415,8 +416,8 @@ fn table_list(tables: &[TableRef]) -> String {
 pub async fn leaf_tables(
     client: &Client,
     tables: &[TableRef],
-) -> Result<Vec<TableRef>, SourceError> {
-    let mut out = Vec::new();
+) -> Result<Vec<(TableRef, TableRef)>, SourceError> {
+    let mut out: Vec<(TableRef, TableRef)> = Vec::new();
     for t in tables {
         let rows = client
             .query(
@@ -431,7 +432,7 @@ pub async fn leaf_tables(
                  SELECT n.nspname::text, c.relname::text FROM tree
                    JOIN pg_catalog.pg_class c ON c.oid = tree.relid
                    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.relkind = 'r'
+                  WHERE c.relkind = 'r' AND c.relpersistence = 'p'
                   ORDER BY 1, 2",
                 &[&t.schema, &t.table],
             )
@@ -442,8 +443,8 @@ pub async fn leaf_tables(
                 schema: r.get(0),
                 table: r.get(1),
             };
-            if !out.contains(&leaf) {
-                out.push(leaf);
+            if !out.iter().any(|(l, _)| *l == leaf) {
+                out.push((leaf, t.clone()));
             }
         }
     }
@@ -469,14 +470,14 @@ pub async fn leaf_oids(client: &Client, root: u32) -> Result<Vec<u32>, SourceErr
     Ok(rows.iter().map(|r| r.get::<_, u32>(0)).collect())
 }
 
-/// The top partitioned table above source relation `relid`, when it is a
-/// partition (its OID and name).
-pub async fn partition_root(
+/// The partitioned tables above source relation `relid` when it is a
+/// partition, nearest first (OID and name).
+pub async fn partition_ancestors(
     client: &Client,
     relid: u32,
-) -> Result<Option<(u32, TableRef)>, SourceError> {
-    let row = client
-        .query_opt(
+) -> Result<Vec<(u32, TableRef)>, SourceError> {
+    let rows = client
+        .query(
             "WITH RECURSIVE up(relid, depth) AS (
                  SELECT $1::oid, 0
                  UNION ALL
@@ -487,20 +488,23 @@ pub async fn partition_root(
                JOIN pg_catalog.pg_class c ON c.oid = up.relid
                JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
               WHERE up.depth > 0
-              ORDER BY up.depth DESC LIMIT 1",
+              ORDER BY up.depth",
             &[&relid],
         )
         .await
         .map_err(SourceError::from_pg)?;
-    Ok(row.map(|r| {
-        (
-            r.get::<_, u32>(0),
-            TableRef {
-                schema: r.get(1),
-                table: r.get(2),
-            },
-        )
-    }))
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, u32>(0),
+                TableRef {
+                    schema: r.get(1),
+                    table: r.get(2),
+                },
+            )
+        })
+        .collect())
 }
 
 /// What a publication must be for the connector: its name, whether the
@@ -550,6 +554,7 @@ pub async fn ensure_publication(
     client: &Client,
     spec: &PublicationSpec<'_>,
     tables: &[TableRef],
+    owe_copy: &mut dyn FnMut(&[TableRef]) -> Result<(), SourceError>,
 ) -> Result<Vec<TableRef>, SourceError> {
     let version = server_version();
     let row = client
@@ -566,10 +571,21 @@ pub async fn ensure_publication(
         .map_err(SourceError::from_pg)?;
     // Before 13 a partitioned table is published through its partitions.
     let by_leaf = version < 130000 || row.as_ref().is_some_and(|r| !r.get::<_, bool>(3));
-    let members = if by_leaf {
+    // (published table, the captured table it belongs to)
+    let pairs: Vec<(TableRef, TableRef)> = if by_leaf {
         leaf_tables(client, tables).await?
     } else {
-        tables.to_vec()
+        tables.iter().map(|t| (t.clone(), t.clone())).collect()
+    };
+    let members: Vec<TableRef> = pairs.iter().map(|(m, _)| m.clone()).collect();
+    let captured_of = |missing: &[TableRef]| -> Vec<TableRef> {
+        let mut out: Vec<TableRef> = Vec::new();
+        for (m, t) in &pairs {
+            if missing.contains(m) && !out.contains(t) {
+                out.push(t.clone());
+            }
+        }
+        out
     };
     let Some(row) = row else {
         let sql = spec.create_sql(&members);
@@ -643,6 +659,42 @@ pub async fn ensure_publication(
             table: r.get(1),
         })
         .collect();
+    if version >= 150000 {
+        // A row filter or a column list would drop rows or columns silently.
+        let filtered: Vec<TableRef> = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_publication_rel pr
+                   JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+                   JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid
+                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                  WHERE p.pubname = $1 AND (pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL)",
+                &[&spec.name],
+            )
+            .await
+            .map_err(SourceError::from_pg)?
+            .iter()
+            .map(|r| TableRef {
+                schema: r.get(0),
+                table: r.get(1),
+            })
+            .filter(|t| members.contains(t))
+            .collect();
+        if !filtered.is_empty() {
+            return Err(SourceError::NeedsAdmin {
+                what: format!(
+                    "publication \"{}\" publishes {} with a row filter or a column list (rows or columns would be lost)",
+                    spec.name,
+                    table_list(&filtered)
+                ),
+                sql: format!(
+                    "ALTER PUBLICATION {} SET TABLE {}",
+                    quote(spec.name),
+                    table_list(&published)
+                ),
+                tables: Vec::new(),
+            });
+        }
+    }
     let missing: Vec<TableRef> = members
         .iter()
         .filter(|t| !published.contains(t))
@@ -664,7 +716,7 @@ pub async fn ensure_publication(
                 quote(spec.name),
                 table_list(&missing)
             ),
-            tables: missing,
+            tables: captured_of(&missing),
         });
     }
     // The connector's own publication: exactly the captured tables.
@@ -684,16 +736,33 @@ pub async fn ensure_publication(
             .map_err(SourceError::from_pg)?;
     }
     if !missing.is_empty() {
-        client
-            .batch_execute(&format!(
-                "ALTER PUBLICATION {} ADD TABLE {}",
-                quote(spec.name),
-                table_list(&missing)
-            ))
-            .await
-            .map_err(SourceError::from_pg)?;
+        // Recorded before the tables join: a crash in between must not
+        // leave their earlier rows uncopied.
+        let owed = captured_of(&missing);
+        owe_copy(&owed)?;
+        let sql = format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote(spec.name),
+            table_list(&missing)
+        );
+        match client.batch_execute(&sql).await {
+            Ok(()) => {}
+            Err(e) if is_denied(&e) => {
+                return Err(SourceError::NeedsAdmin {
+                    what: format!(
+                        "the source role may not add tables to publication \"{}\" ({})",
+                        spec.name,
+                        describe_pg_error(&e)
+                    ),
+                    sql,
+                    tables: owed,
+                })
+            }
+            Err(e) => return Err(SourceError::from_pg(e)),
+        }
+        return Ok(owed);
     }
-    Ok(missing)
+    Ok(Vec::new())
 }
 
 fn is_denied(e: &tokio_postgres::Error) -> bool {

@@ -177,3 +177,42 @@ fn admin_publication_named_in_the_connector_data() {
         3
     );
 }
+
+#[test]
+fn admin_publication_for_all_tables_applies_only_captured_tables() {
+    let pair = Pair::new();
+    // Another schema with a table of the same name and another shape.
+    pair.src.execute(
+        "CREATE SCHEMA other;
+         CREATE TABLE other.orders (id int PRIMARY KEY, something_else text);
+         INSERT INTO other.orders VALUES (1, 'not captured');
+         CREATE PUBLICATION everything FOR ALL TABLES;",
+    );
+    pair.add_connector("fa");
+    pair.dst.execute(
+        "UPDATE synchdb_conninfo SET data = jsonb_set(data, '{publication}', '\"everything\"')
+          WHERE name = 'fa'",
+    );
+    pair.start("fa", "initial");
+    wait_ready(&pair, "fa", 2);
+    pair.src.execute(
+        "INSERT INTO other.orders VALUES (2, 'still not captured');
+         UPDATE other.orders SET something_else = 'x';
+         CREATE TABLE other.extra (id int PRIMARY KEY);
+         INSERT INTO other.extra VALUES (1);
+         INSERT INTO public.orders (id, customer) VALUES (700, 'captured');",
+    );
+    pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+    pair.wait_caught_up("fa");
+    pair.assert_tables_equal("public.orders", "postgres.orders", "id");
+    assert_eq!(
+        pair.dst.count(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'postgres' AND c.relkind = 'r'"
+        ),
+        2,
+        "only the captured tables exist in the destination"
+    );
+    let st = pair.state("fa").expect("state row");
+    assert_eq!(st.err, "no error", "{st:?}");
+}

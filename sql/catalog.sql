@@ -11,6 +11,15 @@ CREATE TABLE synchdb_conninfo (
 REVOKE ALL ON synchdb_conninfo FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('synchdb_conninfo', '');
 
+-- Source passwords set with synchdb_set_password: outside "data", and not
+-- part of the extension's dumped configuration (pg_dump leaves them out).
+CREATE TABLE synchdb_secrets (
+    name text PRIMARY KEY REFERENCES synchdb_conninfo (name)
+             ON DELETE CASCADE ON UPDATE CASCADE,
+    pwd  text NOT NULL
+);
+REVOKE ALL ON synchdb_secrets FROM PUBLIC;
+
 -- The name of each connector's slot and publication on the source and of its
 -- replication origin here, chosen once when the connector is added (unique
 -- per destination cluster and database; see synchdb_object_name()).

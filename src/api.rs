@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 /// Raises an ERROR (or the given level) with SQLSTATE, detail and hint.
 pub fn raise(code: PgSqlErrorCode, msg: String, detail: Option<String>, hint: Option<&str>) -> ! {
+    // The failing statement may carry a password: the log gets the message only.
+    crate::secrets::hide_statement();
     let mut r = pgrx::pg_sys::panic::ErrorReport::new(code, msg, "synchdb");
     if let Some(d) = detail {
         r = r.set_detail(d);
@@ -77,7 +79,7 @@ pub fn load_conninfo(name: &str) -> Option<(bool, ConnInfo)> {
     );
     match row {
         Ok((Some(active), Some(data))) => match ConnInfo::from_json(&data.0) {
-            Ok(info) => Some((active, info)),
+            Ok(info) => Some((active, crate::secrets::fill_password(name, info))),
             Err(e) => config_error(e),
         },
         Ok(_) => None,
@@ -122,6 +124,7 @@ fn synchdb_add_conninfo(
         snapshottable: null_word(snapshottable),
         connector: connector.unwrap_or_default().trim().to_ascii_lowercase(),
         publication: String::new(),
+        passfile: String::new(),
     };
     if let Err(e) = info.validate() {
         config_error(e);

@@ -25,6 +25,10 @@ pub struct ConnInfo {
     /// connector never alters or drops it). Empty: the connector's own,
     /// named after it, which it creates and keeps in step.
     pub publication: String,
+    /// A libpq-style password file to read when `pwd` is empty (default
+    /// `~/.pgpass` of the server's OS user).
+    #[serde(default)]
+    pub passfile: String,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -82,6 +86,7 @@ impl ConnInfo {
             snapshottable: text("snapshottable")?,
             connector: text("connector")?,
             publication: text("publication")?,
+            passfile: text("passfile")?,
         };
         Ok(info)
     }
@@ -486,6 +491,7 @@ mod tests {
             snapshottable: "null".into(),
             connector: "postgres".into(),
             publication: String::new(),
+            passfile: String::new(),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod pgtxn;
 pub mod relcache;
 pub mod replication;
 pub mod schema;
+pub mod secrets;
 pub mod shmem;
 pub mod source;
 pub mod sqlgen;

@@ -7,18 +7,20 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::panic::AssertUnwindSafe;
 
-/// The text of a caught error: message, then detail and context if any.
+/// The text of a caught error, as `synchdb_state_view.err` shows it: the
+/// message only. A DETAIL often holds row values (`Key (id)=(42) already
+/// exists`, `Failing row contains (...)`), and `err` is readable by
+/// everyone: the detail goes to the server log instead.
 pub fn describe(e: &CaughtError) -> String {
     let report = match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r,
         CaughtError::RustPanic { ereport, .. } => ereport,
     };
-    let mut s = report.message().to_string();
+    let message = report.message().to_string();
     if let Some(d) = report.detail() {
-        s.push_str(": ");
-        s.push_str(d);
+        pgrx::log!("synchdb: {message}; detail: {d}");
     }
-    s
+    message
 }
 
 /// Runs `f` and catches any ERROR it raises (the caller aborts).

@@ -588,6 +588,13 @@ fn error_strategies_exit_skip_retry() {
     assert!(st.err.contains("public.orders"), "{}", st.err);
     assert!(st.err.contains("commit LSN"), "{}", st.err);
     assert!(!st.err.contains("mypass"));
+    // The row's values (the DETAIL) stay in the server log: err is public.
+    assert!(!st.err.contains("5000"), "{}", st.err);
+    assert!(!st.err.contains("Key ("), "{}", st.err);
+    assert!(pair
+        .dst
+        .log_contents()
+        .contains("Key (id)=(5000) already exists"));
 
     // skip: the failing change is dropped, counted, logged; the rest of the
     // stream (and of its transaction) applies.

@@ -759,9 +759,146 @@ mod tests {
         ));
     }
 
+    /// splitmix64, for reproducible random inputs.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Decodes `buf` while recording the largest single allocation made.
+    fn decode_probed(buf: &[u8]) -> (Result<Message, DecodeError>, usize) {
+        probe::reset();
+        let r = decode(buf);
+        (r, probe::largest())
+    }
+
+    #[test]
+    fn fuzz_random_and_mutated_messages() {
+        let tags = b"BCORYIUDTMKNtbnuz";
+        let mut rng = Rng(0x5EED);
+        // Random bytes, most starting with a real message type.
+        for _ in 0..20_000 {
+            let len = rng.below(96);
+            let mut buf: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            if let Some(first) = buf.first_mut() {
+                *first = tags[rng.below(tags.len())];
+            }
+            let (_, largest) = decode_probed(&buf);
+            assert!(largest <= 64 * 1024, "{largest} bytes allocated for {buf:?}");
+        }
+        // Valid messages with bytes flipped, inserted or cut.
+        let samples = samples();
+        for _ in 0..20_000 {
+            let (orig, _) = &samples[rng.below(samples.len())];
+            let mut buf = orig.clone();
+            for _ in 0..=rng.below(4) {
+                match rng.below(3) {
+                    0 if !buf.is_empty() => {
+                        let i = rng.below(buf.len());
+                        buf[i] = rng.next() as u8;
+                    }
+                    1 => {
+                        let i = rng.below(buf.len() + 1);
+                        buf.insert(i, [0u8, 0xff, 0x7f, 0x80][rng.below(4)]);
+                    }
+                    _ => {
+                        let n = rng.below(buf.len() + 1);
+                        buf.truncate(n);
+                    }
+                }
+            }
+            let (_, largest) = decode_probed(&buf);
+            assert!(largest <= 64 * 1024, "{largest} bytes allocated for {buf:?}");
+        }
+    }
+
+    #[test]
+    fn absurd_counts_and_lengths_allocate_nothing_of_their_size() {
+        // The probe sees allocations.
+        probe::reset();
+        let v = std::hint::black_box(vec![0u8; 1 << 20]);
+        assert!(probe::largest() >= 1 << 20);
+        drop(v);
+        let cases = [
+            Enc::default().u8(b'T').u32(u32::MAX).u8(0).u32(1).0,
+            Enc::default().u8(b'I').u32(1).u8(b'N').i16(i16::MAX).0,
+            Enc::default()
+                .u8(b'I')
+                .u32(1)
+                .u8(b'N')
+                .i16(1)
+                .u8(b't')
+                .i32(i32::MAX)
+                .0,
+            Enc::default()
+                .u8(b'R')
+                .u32(1)
+                .s("s")
+                .s("t")
+                .u8(b'd')
+                .i16(i16::MAX)
+                .0,
+            Enc::default().u8(b'M').u8(0).u64(1).s("p").i32(i32::MAX).0,
+        ];
+        for buf in cases {
+            let (r, largest) = decode_probed(&buf);
+            assert!(r.is_err(), "{buf:?}");
+            assert!(largest <= 4096, "{largest} bytes allocated for {buf:?}");
+        }
+    }
+
     #[test]
     fn timestamps() {
         assert_eq!(pg_ts_to_unix_usec(0), 946_684_800_000_000);
         assert_eq!(pg_ts_to_unix_usec(i64::MAX), i64::MAX);
     }
+}
+
+/// A test-only allocator wrapper that records, per thread, the largest
+/// single allocation: the decoder must never allocate what a message merely
+/// claims.
+#[cfg(test)]
+mod probe {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    pub fn reset() {
+        LARGEST.with(|l| l.set(0));
+    }
+
+    pub fn largest() -> usize {
+        LARGEST.with(|l| l.get())
+    }
+
+    struct Probe;
+
+    unsafe impl GlobalAlloc for Probe {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = LARGEST.try_with(|l| l.set(l.get().max(layout.size())));
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let _ = LARGEST.try_with(|l| l.set(l.get().max(new_size)));
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Probe = Probe;
 }

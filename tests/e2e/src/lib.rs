@@ -5,6 +5,8 @@
 //! tables between the two sides. Dropping a cluster stops it and removes its
 //! directory, also when a test panics.
 
+pub mod mitm;
+
 use postgres::{Client, NoTls, SimpleQueryMessage};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

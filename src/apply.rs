@@ -1032,14 +1032,18 @@ impl<'c> Applier<'c> {
                         );
                         if !empty && col.is_some() {
                             // Modes that never copy: existing rows got the
-                            // default on the source; a sequence default cannot
-                            // be reproduced here, a volatile one only roughly.
+                            // default on the source; a volatile one (a
+                            // sequence's too) cannot be reproduced here and
+                            // is left out (untrusted::default_expression).
                             let default = self.catalog.column_default(rel.id, name).unwrap_or(None);
-                            if let Some(def) = default.filter(|d| !d.contains("nextval(")) {
+                            let what = format!("default of column \"{name}\" of {key}");
+                            if let Some((def, pasted)) = default.and_then(|def| {
+                                crate::untrusted::default_expression(&def, &what).map(|p| (def, p))
+                            }) {
                                 pgrx::warning!(
                                     "synchdb: column \"{name}\" added to {key} with default {def}: existing destination rows get the default evaluated here (this mode does not copy tables again)"
                                 );
-                                d.push_str(&format!(" DEFAULT {def}"));
+                                d.push_str(&format!(" DEFAULT {pasted}"));
                             }
                         }
                         d

@@ -411,7 +411,7 @@ pub fn copy_indexes(
                 continue;
             }
         }
-        match in_subtransaction(|| build_index(ix, dst_schema, dst_table)) {
+        match crate::pgtxn::in_subtransaction(|| build_index(ix, dst_schema, dst_table)) {
             Ok(()) => built += 1,
             Err(e) => pgrx::warning!(
                 "connector \"{connector}\": index {} of source table {t} could not be created on {}: {e}",
@@ -516,25 +516,6 @@ fn check_index_statement(sql: &str, ix: &SourceIndex, dst_schema: &str, dst_tabl
     };
     if !ok {
         pgrx::error!("the source's definition does not make a single CREATE INDEX statement");
-    }
-}
-
-/// Runs `f` in a subtransaction: an ERROR it raises rolls back what it did
-/// (and only that) and is returned.
-fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    unsafe {
-        let context = pg_sys::CurrentMemoryContext;
-        let owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(context);
-        let r = crate::pgtxn::catch(f);
-        match &r {
-            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
-            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
-        }
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-        r
     }
 }
 

@@ -34,6 +34,25 @@ pub fn catch<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     .execute()
 }
 
+/// Runs `f` in a subtransaction: an ERROR it raises rolls back what it did
+/// (and only that) and is returned.
+pub fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+        let r = catch(f);
+        match &r {
+            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
+            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+        r
+    }
+}
+
 pub fn start() {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();

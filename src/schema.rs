@@ -58,6 +58,8 @@ pub fn rename_table_state(connector: &str, old: &TableRef, new: &TableRef, dst_t
 }
 
 fn run(sql: &str) {
+    // One statement per call: text from the source cannot have added one.
+    crate::untrusted::single_statement(sql);
     if let Err(e) = Spi::run(sql) {
         pgrx::error!("{e}");
     }
@@ -79,10 +81,12 @@ fn exists_type(schema: &str, name: &str) -> bool {
 }
 
 /// The destination's name for a source column type. Raises a clear ERROR
-/// when an extension type's extension is not installed here.
+/// when an extension type's extension is not installed here, or when a
+/// built-in type's text from the source is not one type name here (it is
+/// resolved, and written by this server's `format_type`).
 pub fn type_sql(ty: &ColumnType, dst_schema: &str, what: &str) -> String {
     match ty {
-        ColumnType::Builtin(s) => s.clone(),
+        ColumnType::Builtin(s) => crate::untrusted::builtin_type(s, what),
         ColumnType::User { name, dims } => {
             sqlgen::with_dims(&sqlgen::qualified(dst_schema, name), *dims)
         }
@@ -143,7 +147,7 @@ pub fn ensure_user_types(types: &[UserType], dst_schema: &str) {
                 name,
                 &type_sql(base, dst_schema, &what),
                 *not_null,
-                checks,
+                &domain_checks(name, checks),
             ),
             UserType::Range {
                 name,
@@ -157,8 +161,38 @@ pub fn ensure_user_types(types: &[UserType], dst_schema: &str) {
             ),
         };
         run(&ddl);
+        if matches!(t, UserType::Domain { .. }) {
+            crate::untrusted::check_domain_constraints(dst_schema, t.name());
+        }
         pgrx::log!("synchdb: created type {dst_schema}.{}", t.name());
     }
+}
+
+/// A source domain's CHECK constraints as CREATE DOMAIN takes them, each
+/// expression checked (`untrusted::expression`). A NOT VALID one is left
+/// out, with a WARNING: existing source values may break it, and CREATE
+/// DOMAIN cannot take it.
+fn domain_checks(domain: &str, checks: &[String]) -> Vec<String> {
+    let what = format!("CHECK constraint of domain {}", sqlgen::quote_ident(domain));
+    let mut out = Vec::new();
+    for def in checks {
+        let Some((expr, not_valid)) = crate::untrusted::split_domain_check(def) else {
+            pgrx::error!(
+                "source {what} is not a CHECK constraint; refused: {}",
+                crate::untrusted::shown(def)
+            );
+        };
+        let pasted = crate::untrusted::expression(expr, &what);
+        if not_valid {
+            pgrx::warning!(
+                "synchdb: source {what} is NOT VALID and is left out in the destination: {}",
+                crate::untrusted::shown(def)
+            );
+            continue;
+        }
+        out.push(format!("CHECK {pasted}"));
+    }
+    out
 }
 
 /// Adds the labels of source enums missing from their destination copies,
@@ -245,7 +279,15 @@ pub fn create_table(
                 &format!("column \"{}\" of {}", c.name, shape.table),
             ),
             not_null: c.not_null,
-            generated: c.generated.clone(),
+            generated: c.generated.as_deref().map(|g| {
+                crate::untrusted::expression(
+                    g,
+                    &format!(
+                        "generation expression of column \"{}\" of {}",
+                        c.name, shape.table
+                    ),
+                )
+            }),
         })
         .collect();
     let pk: &[String] = if defer_pk { &[] } else { &shape.primary_key };
@@ -515,13 +557,18 @@ pub fn reshape_for_copy(
             None => {
                 let mut d = format!("ALTER TABLE {target} ADD COLUMN {col} {ty}");
                 if let Some(g) = &c.generated {
+                    let g = crate::untrusted::expression(
+                        g,
+                        &format!("generation expression of {what}"),
+                    );
                     d.push_str(&format!(" GENERATED ALWAYS AS ({g}) STORED"));
                 }
                 run(&d);
             }
             Some(d) => {
                 let expected = match &c.ty {
-                    ColumnType::Builtin(s) => s.clone(),
+                    // Already this server's format_type.
+                    ColumnType::Builtin(_) => ty.clone(),
                     _ => canonical_type(&ty),
                 };
                 if d.type_text != expected {

@@ -1,0 +1,309 @@
+//! Text from the source that becomes destination DDL (type names, column
+//! defaults, generated-column expressions, domain CHECK constraints) is
+//! never run as SQL beyond what it claims to be. The malicious source is a
+//! real PostgreSQL whose superuser replaced the catalog functions the
+//! connector reads that text through (`format_type`, `pg_get_expr`,
+//! `pg_get_constraintdef`), so it answers with text that tries to run a
+//! second statement, as a compromised source would: the connector refuses,
+//! `err` says why, and the destination's canary table and roles are
+//! untouched. Genuine but nasty text (names and literals full of quotes,
+//! semicolons and comment markers) replicates exactly.
+
+use synchdb_e2e::*;
+
+/// A destination table the injected statements try to drop.
+const CANARY: &str = "public.canary";
+
+fn pair_with_canary() -> Pair {
+    let pair = Pair::new();
+    pair.dst.execute(&format!(
+        "CREATE TABLE {CANARY} (x int); INSERT INTO {CANARY} VALUES (1)"
+    ));
+    pair
+}
+
+/// Nothing that the source smuggled in ran in the destination.
+fn assert_nothing_ran(pair: &Pair) {
+    assert_eq!(
+        pair.dst.count(&format!("SELECT count(*) FROM {CANARY}")),
+        1,
+        "the canary table is gone or changed"
+    );
+    assert_eq!(
+        pair.dst
+            .count("SELECT count(*) FROM pg_roles WHERE rolname = 'evil'"),
+        0,
+        "a role was created"
+    );
+}
+
+/// The source's catalog function `name(args)` (internal symbol `symbol`)
+/// answers `lie` where it would have answered `truth`.
+fn lie(src: &Cluster, name: &str, args: &str, symbol: &str, truth: &str, lie: &str) {
+    let params: Vec<String> = (1..=args.split(',').count())
+        .map(|i| format!("${i}"))
+        .collect();
+    let params = params.join(", ");
+    src.execute(&format!(
+        "CREATE FUNCTION public.real_{name}({args}) RETURNS text LANGUAGE internal STABLE AS '{symbol}';
+         CREATE OR REPLACE FUNCTION pg_catalog.{name}({args}) RETURNS text LANGUAGE sql STABLE AS $lie$
+           SELECT CASE WHEN public.real_{name}({params}) = {truth} THEN {lie}
+                       ELSE public.real_{name}({params}) END
+         $lie$",
+        truth = quote(truth),
+        lie = quote(lie),
+    ));
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn wait_err(pair: &Pair, name: &str, needle: &str) -> String {
+    wait_for_value(LONG, &format!("an error with {needle:?}"), || {
+        pair.state(name)
+            .map(|s| s.err)
+            .filter(|e| e.contains(needle))
+    })
+}
+
+fn dst_has_table(pair: &Pair, table: &str) -> bool {
+    pair.dst.count(&format!(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'postgres' AND tablename = '{table}'"
+    )) == 1
+}
+
+fn wait_rows(pair: &Pair, table: &str, n: i64) {
+    wait_until(LONG, &format!("{n} rows in postgres.{table}"), || {
+        dst_has_table(pair, table)
+            && pair
+                .dst
+                .count(&format!("SELECT count(*) FROM postgres.{table}"))
+                == n
+    });
+}
+
+#[test]
+fn a_type_name_that_runs_a_second_statement_is_refused() {
+    let pair = pair_with_canary();
+    pair.src.execute(
+        "CREATE TABLE public.evil (id int PRIMARY KEY, s smallint);
+         INSERT INTO public.evil VALUES (1, 1)",
+    );
+    lie(
+        &pair.src,
+        "format_type",
+        "oid, integer",
+        "format_type",
+        "smallint",
+        // Pasted as it is, this would close CREATE TABLE and drop the canary.
+        "int4); DROP TABLE public.canary; --",
+    );
+    pair.add_connector_with("ty", "public.evil", "null");
+    pair.start("ty", "initial");
+    let err = wait_err(&pair, "ty", "refused");
+    assert!(
+        err.contains("source type of column \"s\" of public.evil does not name a built-in type"),
+        "{err}"
+    );
+    assert!(err.contains("DROP TABLE public.canary"), "{err}");
+    assert!(!dst_has_table(&pair, "evil"));
+    assert_nothing_ran(&pair);
+}
+
+#[test]
+fn a_domain_check_that_runs_a_second_statement_is_refused() {
+    let pair = pair_with_canary();
+    pair.src.execute(
+        "CREATE DOMAIN public.pos AS int CHECK (VALUE > 0);
+         CREATE TABLE public.evil (id int PRIMARY KEY, p public.pos);
+         INSERT INTO public.evil VALUES (1, 1)",
+    );
+    lie(
+        &pair.src,
+        "pg_get_constraintdef",
+        "oid",
+        "pg_get_constraintdef",
+        "CHECK ((VALUE > 0))",
+        "CHECK ((VALUE > 0)) ; CREATE ROLE evil SUPERUSER; --)",
+    );
+    pair.add_connector_with("dc", "public.evil", "null");
+    pair.start("dc", "initial");
+    let err = wait_err(&pair, "dc", "refused");
+    assert!(
+        err.contains("source CHECK constraint of domain \"pos\" is not a single expression"),
+        "{err}"
+    );
+    assert!(err.contains("CREATE ROLE evil"), "{err}");
+    assert_eq!(
+        pair.dst.count(
+            "SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+              WHERE n.nspname = 'postgres' AND t.typname = 'pos'"
+        ),
+        0
+    );
+    assert!(!dst_has_table(&pair, "evil"));
+    assert_nothing_ran(&pair);
+}
+
+#[test]
+fn a_domain_check_that_calls_a_volatile_function_is_refused() {
+    // One expression, but one that would run set_config as the worker on
+    // every value applied (a genuine source may say this too).
+    let pair = pair_with_canary();
+    pair.src.execute(
+        "CREATE DOMAIN public.sneaky AS int
+           CHECK (VALUE > 0 AND pg_catalog.set_config('synchdb.pwned', 'yes', false) IS NOT NULL);
+         CREATE TABLE public.evil (id int PRIMARY KEY, v public.sneaky);
+         INSERT INTO public.evil VALUES (1, 1)",
+    );
+    pair.add_connector_with("vd", "public.evil", "null");
+    pair.start("vd", "initial");
+    let err = wait_err(&pair, "vd", "refused");
+    assert!(
+        err.contains("source CHECK constraint of domain \"sneaky\" calls a volatile function"),
+        "{err}"
+    );
+    assert!(!dst_has_table(&pair, "evil"));
+    assert_nothing_ran(&pair);
+}
+
+#[test]
+fn a_generated_expression_that_runs_a_second_statement_is_refused() {
+    let pair = pair_with_canary();
+    pair.src.execute(
+        "CREATE TABLE public.evil (id int PRIMARY KEY, a int,
+                                   g int GENERATED ALWAYS AS (a * 4242) STORED);
+         INSERT INTO public.evil (id, a) VALUES (1, 1)",
+    );
+    lie(
+        &pair.src,
+        "pg_get_expr",
+        "pg_node_tree, oid",
+        "pg_get_expr",
+        "(a * 4242)",
+        "(a * 4242)) STORED); DROP TABLE public.canary; --",
+    );
+    pair.add_connector_with("ge", "public.evil", "null");
+    pair.start("ge", "initial");
+    let err = wait_err(&pair, "ge", "refused");
+    assert!(
+        err.contains(
+            "source generation expression of column \"g\" of public.evil is not a single expression"
+        ),
+        "{err}"
+    );
+    assert!(!dst_has_table(&pair, "evil"));
+    assert_nothing_ran(&pair);
+}
+
+#[test]
+fn a_default_that_runs_a_second_statement_is_refused() {
+    let pair = pair_with_canary();
+    pair.src
+        .execute("CREATE TABLE public.evil (id int PRIMARY KEY)");
+    lie(
+        &pair.src,
+        "pg_get_expr",
+        "pg_node_tree, oid",
+        "pg_get_expr",
+        "4242",
+        "4242; DROP TABLE public.canary; --",
+    );
+    // Modes that never copy add a column with the source's default (for
+    // the rows the destination already has).
+    pair.add_connector_with("df", "public.evil", "null");
+    pair.start("df", "no_data");
+    wait_rows(&pair, "evil", 0);
+    pair.src.execute("INSERT INTO public.evil VALUES (1), (2)");
+    wait_rows(&pair, "evil", 2);
+    pair.src.execute(
+        "ALTER TABLE public.evil ADD COLUMN d int DEFAULT 4242;
+         INSERT INTO public.evil VALUES (3)",
+    );
+    let err = wait_err(&pair, "df", "refused");
+    assert!(
+        err.contains("source default of column \"d\" of public.evil is not a single expression"),
+        "{err}"
+    );
+    assert_eq!(
+        pair.dst.count(
+            "SELECT count(*) FROM information_schema.columns
+              WHERE table_schema = 'postgres' AND table_name = 'evil' AND column_name = 'd'"
+        ),
+        0
+    );
+    assert_nothing_ran(&pair);
+}
+
+#[test]
+fn a_volatile_default_is_not_evaluated_here() {
+    let pair = pair_with_canary();
+    pair.src
+        .execute("CREATE TABLE public.vol (id int PRIMARY KEY)");
+    pair.add_connector_with("vf", "public.vol", "null");
+    pair.start("vf", "no_data");
+    wait_rows(&pair, "vol", 0);
+    pair.src.execute("INSERT INTO public.vol VALUES (1), (2)");
+    wait_rows(&pair, "vol", 2);
+    pair.src.execute(
+        "ALTER TABLE public.vol ADD COLUMN d text
+           DEFAULT pg_catalog.set_config('synchdb.pwned', 'yes', false);
+         INSERT INTO public.vol VALUES (3)",
+    );
+    wait_rows(&pair, "vol", 3);
+    // Added without the default: existing rows hold NULL, the new row the
+    // source's value.
+    assert_eq!(
+        pair.dst
+            .query_strings("SELECT d FROM postgres.vol ORDER BY id"),
+        vec![vec![None], vec![None], vec![Some("yes".to_string())]]
+    );
+    assert!(pair
+        .dst
+        .log_contents()
+        .contains("calls a volatile function; the column is added without it"));
+    assert_nothing_ran(&pair);
+    let st = pair.state("vf").expect("state row");
+    assert_eq!(st.err, "no error", "{st:?}");
+}
+
+#[test]
+fn nasty_but_genuine_text_is_quoted_and_replicated() {
+    let pair = pair_with_canary();
+    pair.src.execute(
+        r#"CREATE TYPE public."mood""; DROP TABLE public.canary; --" AS
+             ENUM ('ok', 'it''s''); DROP TABLE public.canary; --', 'semi;colon /* x', E'back\\slash');
+           CREATE DOMAIN public."d""; DROP TABLE public.canary; --" AS text
+             CHECK (VALUE <> 'x''); DROP TABLE public.canary; --' AND VALUE !~ '/\*');
+           CREATE TABLE public.nasty (
+             id int PRIMARY KEY,
+             m public."mood""; DROP TABLE public.canary; --",
+             t public."d""; DROP TABLE public.canary; --",
+             s text DEFAULT '''); DROP TABLE public.canary; --',
+             g text GENERATED ALWAYS AS (s || '; DROP TABLE public.canary; -- $$') STORED,
+             "c""; DROP TABLE public.canary; --" varchar(7)[]);"#,
+    );
+    pair.add_connector_with("ok", "public.nasty", "null");
+    pair.start("ok", "no_data");
+    wait_rows(&pair, "nasty", 0);
+    pair.src.execute(
+        r#"INSERT INTO public.nasty (id, m, t, "c""; DROP TABLE public.canary; --") VALUES
+             (1, 'it''s''); DROP TABLE public.canary; --', 'a''; b', '{"x;y",NULL}'),
+             (2, 'semi;colon /* x', NULL, NULL),
+             (3, E'back\\slash', 'z', '{}');
+           INSERT INTO public.nasty (id, m, s) VALUES (4, 'ok', 'own value');"#,
+    );
+    pair.wait_tables_equal("public.nasty", "postgres.nasty", "id");
+    // A column added later with a default full of quotes and semicolons:
+    // existing destination rows get it, as on the source.
+    pair.src.execute(
+        "ALTER TABLE public.nasty ADD COLUMN later text DEFAULT 'a''); DROP TABLE public.canary; -- /*';
+         INSERT INTO public.nasty (id, m) VALUES (5, 'ok')",
+    );
+    wait_rows(&pair, "nasty", 5);
+    pair.wait_tables_equal("public.nasty", "postgres.nasty", "id");
+    assert_nothing_ran(&pair);
+    let st = pair.state("ok").expect("state row");
+    assert_eq!(st.err, "no error", "{st:?}");
+}

@@ -11,6 +11,7 @@ use crate::direct;
 use crate::schema::{self, ColumnChange};
 use crate::source::{SourceTable, UserType};
 use crate::sqlgen::{self, KeyMatch};
+use crate::usercontext;
 use bytes::{Buf, Bytes};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -131,6 +132,10 @@ struct RelEntry {
     plans: HashMap<(u8, Vec<bool>), pg_sys::SPIPlanPtr>,
     /// Set when rows can be changed directly through the key's index.
     direct: Option<direct::Target>,
+    /// The destination table's owner when changes must run as it (it is
+    /// not the worker's role); read when synced, so a new owner is seen
+    /// through the relcache invalidation that ALTER TABLE ... OWNER sends.
+    run_as: Option<pg_sys::Oid>,
 }
 
 /// What the last applied change was, for `last_dbz_offset`.
@@ -476,6 +481,7 @@ impl<'c> Applier<'c> {
                 dest: Vec::new(),
                 plans: HashMap::new(),
                 direct: None,
+                run_as: None,
             },
         );
     }
@@ -716,6 +722,10 @@ impl<'c> Applier<'c> {
             }
             None => (Vec::new(), 0, None),
         };
+        let run_as = relid.and_then(usercontext::run_as);
+        if let (Some(relid), Some(owner)) = (relid, run_as) {
+            usercontext::refuse_row_security(relid, owner);
+        }
         let direct = entry_target
             .as_ref()
             .and_then(|t| direct_target(&rel, t, &dest, stored));
@@ -727,6 +737,7 @@ impl<'c> Applier<'c> {
             e.target = entry_target;
             e.dest = dest;
             e.direct = direct;
+            e.run_as = run_as;
             e.dest_relid = relid;
             e.synced = true;
             e.locked_in = seq;
@@ -813,10 +824,13 @@ impl<'c> Applier<'c> {
                 rel.id
             );
         }
-        schema::run_ddl(&format!(
+        let truncate = format!(
             "TRUNCATE {}",
             sqlgen::qualified(&t.dst_schema, &t.dst_table)
-        ));
+        );
+        usercontext::as_owner(schema::relid(&t.dst_schema, &t.dst_table), || {
+            schema::run_ddl(&truncate)
+        });
         pgrx::log!(
             "synchdb: connector \"{}\": source table {key} was dropped and created again (OID {} became {}); emptied {}.{}",
             self.connector,
@@ -1050,7 +1064,11 @@ impl<'c> Applier<'c> {
                     }
                 }
             };
-            schema::run_ddl(&ddl);
+            // As the table's owner: a rewrite evaluates its CHECK
+            // constraints, defaults and casts.
+            usercontext::as_owner(schema::relid(&t.dst_schema, &t.dst_table), || {
+                schema::run_ddl(&ddl)
+            });
             self.counters.ddl += 1;
             pgrx::log!(
                 "synchdb: connector \"{}\" followed a schema change of {key}: {ddl}",
@@ -1122,7 +1140,9 @@ impl<'c> Applier<'c> {
             // The values are copied: let go of the message (a large value
             // is then held once by this change, not twice).
             drop(new);
-            direct::insert(&t, self.change_cxt.value(), &mut text, &vals);
+            usercontext::as_role(entry.run_as, || {
+                direct::insert(&t, self.change_cxt.value(), &mut text, &vals)
+            });
             return;
         }
         let new = &new[..];
@@ -1178,7 +1198,10 @@ impl<'c> Applier<'c> {
                 &mut text,
             );
             let vals = attr_inputs(entry, (0..new.len()).map(|i| (i, &new[i])), &mut text);
-            if !direct::update(&t, self.change_cxt.value(), &mut text, &key, &vals) {
+            let found = usercontext::as_role(entry.run_as, || {
+                direct::update(&t, self.change_cxt.value(), &mut text, &key, &vals)
+            });
+            if !found {
                 self.missing_row("UPDATE", rel_id);
             }
             return;
@@ -1254,7 +1277,10 @@ impl<'c> Applier<'c> {
                 keys.iter().filter_map(|i| old.1.get(*i).map(|v| (*i, v))),
                 &mut text,
             );
-            if !direct::delete(&t, self.change_cxt.value(), &mut text, &key) {
+            let found = usercontext::as_role(entry.run_as, || {
+                direct::delete(&t, self.change_cxt.value(), &mut text, &key)
+            });
+            if !found {
                 self.missing_row("DELETE", rel_id);
             }
             return;
@@ -1333,16 +1359,24 @@ impl<'c> Applier<'c> {
                 roots_checked.push(root);
                 self.truncate_partitions(root, rel_ids);
             }
-            if let Some(t) = self.rels.get(id).and_then(|e| e.target.as_ref()) {
-                targets.push((t.dst_schema.clone(), t.dst_table.clone()));
+            if let Some(e) = self.rels.get(id) {
+                if let Some(t) = &e.target {
+                    targets.push((e.run_as, (t.dst_schema.clone(), t.dst_table.clone())));
+                }
             }
         }
-        if targets.is_empty() {
-            return;
-        }
-        let sql = sqlgen::truncate(&targets, restart_identity);
-        if let Err(e) = Spi::run(&sql) {
-            pgrx::error!("{e}");
+        // One statement per owner, run as that owner (its TRUNCATE
+        // triggers run with its rights): one statement in all when the
+        // tables share an owner, as the source's TRUNCATE did.
+        while let Some((run_as, _)) = targets.first().cloned() {
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                targets.into_iter().partition(|(r, _)| *r == run_as);
+            targets = rest;
+            let tables: Vec<(String, String)> = mine.into_iter().map(|(_, t)| t).collect();
+            let sql = sqlgen::truncate(&tables, restart_identity);
+            if let Err(e) = usercontext::as_role(run_as, || Spi::run(&sql)) {
+                pgrx::error!("{e}");
+            }
         }
     }
 
@@ -1379,8 +1413,18 @@ impl<'c> Applier<'c> {
     }
 
     /// Converts the values with the destination types' input functions and
-    /// runs the plan; returns the number of rows processed.
+    /// runs the plan, as the table's owner (a domain's CHECK runs in the
+    /// input function); returns the number of rows processed.
     fn execute(
+        &self,
+        entry: &RelEntry,
+        plan: pg_sys::SPIPlanPtr,
+        vals: &[(usize, &TupleValue)],
+    ) -> u64 {
+        usercontext::as_role(entry.run_as, || self.execute_here(entry, plan, vals))
+    }
+
+    fn execute_here(
         &self,
         entry: &RelEntry,
         plan: pg_sys::SPIPlanPtr,
@@ -1708,18 +1752,27 @@ pub fn copy_into(schema: &str, table: &str, columns: &[String], feed: Feed<'_>) 
             let s = pg_sys::pstrdup(cs.as_ptr());
             attnames = pg_sys::lappend(attnames, pg_sys::makeString(s) as *mut c_void);
         }
-        let cstate = pg_sys::BeginCopyFrom(
-            pstate,
-            rel,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            false,
-            Some(copy_read_cb),
-            attnames,
-            std::ptr::null_mut(),
-        );
-        let n = pg_sys::CopyFrom(cstate);
-        pg_sys::EndCopyFrom(cstate);
+        // As the table's owner: its triggers, defaults and constraints
+        // run with the owner's rights.
+        let run_as = usercontext::run_as(relid);
+        if let Some(owner) = run_as {
+            usercontext::refuse_row_security(relid, owner);
+        }
+        let n = usercontext::as_role(run_as, || {
+            let cstate = pg_sys::BeginCopyFrom(
+                pstate,
+                rel,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                false,
+                Some(copy_read_cb),
+                attnames,
+                std::ptr::null_mut(),
+            );
+            let n = pg_sys::CopyFrom(cstate);
+            pg_sys::EndCopyFrom(cstate);
+            n
+        });
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         n
     });

@@ -1011,7 +1011,11 @@ fn snapshot_tables(
                 true
             } else {
                 check_owner(&ctx.name, dst_schema, &dst);
-                schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
+                // As the table's owner (a DBA may have given it to another
+                // role): its TRUNCATE triggers run with the owner's rights.
+                crate::usercontext::as_owner(schema::relid(dst_schema, &dst), || {
+                    schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
+                })
             };
             let n = apply::copy_into(dst_schema, &dst, &cols, &mut feed);
             if build_pk {

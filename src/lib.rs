@@ -24,6 +24,7 @@ pub mod source;
 pub mod sqlgen;
 pub mod switchover;
 pub mod untrusted;
+pub mod usercontext;
 pub mod worker;
 
 pgrx::pg_module_magic!();

@@ -4,11 +4,14 @@
 //! real PostgreSQL whose superuser replaced the catalog functions the
 //! connector reads that text through (`format_type`, `pg_get_expr`,
 //! `pg_get_constraintdef`), so it answers with text that tries to run a
-//! second statement, as a compromised source would: the connector refuses,
-//! `err` says why, and the destination's canary table and roles are
-//! untouched. Genuine but nasty text (names and literals full of quotes,
-//! semicolons and comment markers) replicates exactly.
+//! second statement, as a compromised source would (and once through the
+//! tampering proxy of `mitm.rs`, as a man in the middle would): the
+//! connector refuses, `err` says why, and the destination's canary table
+//! and roles are untouched. Genuine but nasty text (names and literals full
+//! of quotes, semicolons and comment markers) replicates exactly, and
+//! built-in types keep their typmods.
 
+use synchdb_e2e::mitm::Proxy;
 use synchdb_e2e::*;
 
 /// A destination table the injected statements try to drop.
@@ -109,6 +112,38 @@ fn a_type_name_that_runs_a_second_statement_is_refused() {
     assert!(err.contains("DROP TABLE public.canary"), "{err}");
     assert!(!dst_has_table(&pair, "evil"));
     assert_nothing_ran(&pair);
+}
+
+#[test]
+fn a_man_in_the_middle_cannot_inject_through_a_type_name() {
+    // The same through a tampering proxy rewriting the catalog's answer.
+    let pair = pair_with_canary();
+    pair.src.execute(
+        "CREATE TABLE public.evil (id int PRIMARY KEY, s smallint);
+         INSERT INTO public.evil VALUES (1, 1)",
+    );
+    let proxy = Proxy::new(pair.src.port());
+    proxy.set(|t| {
+        t.values = vec![(
+            "smallint".into(),
+            "int4); CREATE ROLE evil SUPERUSER; --".into(),
+        )]
+    });
+    pair.dst.execute(&format!(
+        "SELECT synchdb_add_conninfo('mm','127.0.0.1',{},'myuser','mypass','postgres','public','public.evil','null','postgres')",
+        proxy.port()
+    ));
+    pair.start("mm", "initial");
+    let err = wait_err(&pair, "mm", "refused");
+    assert!(
+        err.contains("source type of column \"s\" of public.evil does not name a built-in type"),
+        "{err}"
+    );
+    assert!(!dst_has_table(&pair, "evil"));
+    assert_nothing_ran(&pair);
+    // Once the path is clean again, the table replicates.
+    proxy.set(|t| t.values.clear());
+    pair.wait_tables_equal("public.evil", "postgres.evil", "id");
 }
 
 #[test]
@@ -305,5 +340,58 @@ fn nasty_but_genuine_text_is_quoted_and_replicated() {
     pair.wait_tables_equal("public.nasty", "postgres.nasty", "id");
     assert_nothing_ran(&pair);
     let st = pair.state("ok").expect("state row");
+    assert_eq!(st.err, "no error", "{st:?}");
+}
+
+/// `attname: format_type` of a table's columns.
+fn column_types(c: &Cluster, table: &str) -> Vec<Vec<Option<String>>> {
+    c.query_strings(&format!(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+          WHERE attrelid = '{table}'::regclass AND attnum > 0 AND NOT attisdropped
+          ORDER BY attnum"
+    ))
+}
+
+#[test]
+fn built_in_type_names_keep_their_typmods() {
+    // What the source's format_type writes must resolve here to the same
+    // type and typmod, when a table is created and when it is reshaped.
+    let pair = pair_with_canary();
+    pair.src.execute(
+        r#"CREATE TABLE public.typed (
+             id int PRIMARY KEY, a character varying(10), b numeric(12,3),
+             c timestamp(3) with time zone, d integer[], e interval year to month,
+             f bit varying(5), g "char", h time(2) without time zone, i character(4)[],
+             j double precision, k information_schema.cardinal_number,
+             l interval day to second(2), m bigint[][],
+             n int GENERATED ALWAYS AS (coalesce(array_length(d, 1), 0) + 1) STORED);
+           INSERT INTO public.typed (id, a, b, c, d, e, f, g, h, i, j, k, l, m) VALUES
+             (1, 'x;y', 1.5, '2024-01-02 03:04:05.678+00', '{1,2}', '1 year 2 mons', B'101',
+              'q', '01:02:03.45', '{ab,NULL}', 1e300, 7, '1 day 00:00:01.25', '{{1,2},{3,4}}'),
+             (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"#,
+    );
+    pair.add_connector_with("tm", "public.typed", "null");
+    pair.start("tm", "initial");
+    pair.wait_tables_equal("public.typed", "postgres.typed", "id");
+    assert_eq!(
+        column_types(&pair.src, "public.typed"),
+        column_types(&pair.dst, "postgres.typed")
+    );
+    // Columns added to a table with rows: it is copied again, reshaped.
+    pair.src.execute(
+        "ALTER TABLE public.typed ADD COLUMN o numeric(5,1)[],
+                                  ADD COLUMN p text GENERATED ALWAYS AS (a || '; --') STORED;
+         UPDATE public.typed SET o = '{1.5}' WHERE id = 1;",
+    );
+    wait_until(LONG, "the added columns", || {
+        column_types(&pair.dst, "postgres.typed").len() == 17
+    });
+    pair.wait_tables_equal("public.typed", "postgres.typed", "id");
+    assert_eq!(
+        column_types(&pair.src, "public.typed"),
+        column_types(&pair.dst, "postgres.typed")
+    );
+    assert_nothing_ran(&pair);
+    let st = pair.state("tm").expect("state row");
     assert_eq!(st.err, "no error", "{st:?}");
 }

@@ -115,9 +115,18 @@ fn changes_apply_as_the_table_owner() {
     );
     // Mode never: the user's tables, owned by app. t takes the direct
     // executor path, t2 (matched on the whole row) prepared statements.
+    // t's CHECK constraint is app's code too (evaluated per row written,
+    // and when the connector's DDL rewrites the table).
     pair.dst.execute(APP);
     pair.dst.execute(&format!(
-        "CREATE TABLE postgres.t (id int PRIMARY KEY, v text);
+        "CREATE FUNCTION postgres.checked(v text) RETURNS bool LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO postgres.audit (tbl, op, usr, path)
+             VALUES ('t_check', 'CHECK', current_user, pg_catalog.current_setting('search_path'));
+           RETURN true;
+         END $$;
+         ALTER FUNCTION postgres.checked(text) OWNER TO app;
+         CREATE TABLE postgres.t (id int PRIMARY KEY, v text CHECK (postgres.checked(v)));
          CREATE TABLE postgres.t2 (id int, v text);
          ALTER TABLE postgres.t OWNER TO app;
          ALTER TABLE postgres.t2 OWNER TO app;
@@ -144,6 +153,23 @@ fn changes_apply_as_the_table_owner() {
             "{t}"
         );
     }
+    assert_eq!(audit(&pair, "t_check"), ["CHECK:app"; 3]);
+
+    // The column change the connector follows (mode never: in place, a
+    // rewrite that checks every row) runs as app too.
+    pair.src.execute(
+        "ALTER TABLE public.t ALTER COLUMN v TYPE varchar(20);
+         INSERT INTO public.t VALUES (4, 'd');",
+    );
+    pair.wait_tables_equal("public.t", "postgres.t", "id");
+    assert_eq!(
+        pair.dst.query_one_string(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+              WHERE attrelid = 'postgres.t'::regclass AND attname = 'v'"
+        ),
+        Some("character varying(20)".to_string())
+    );
+    assert_eq!(audit(&pair, "t_check"), ["CHECK:app"; 5]);
     // The owner's code sees the worker's own settings.
     assert_eq!(
         pair.dst

@@ -50,6 +50,8 @@ GRANT SELECT ON synchdb_conninfo_view TO PUBLIC;
 -- Controlling connectors is for superusers (and roles they grant it to).
 REVOKE EXECUTE ON FUNCTION synchdb_add_conninfo(text, text, integer, text, text, text, text, text, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_del_conninfo(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_add_extra_conninfo(text, text, text, text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_del_extra_conninfo(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_start_engine_bgw(text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_stop_engine_bgw(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_restart_connector(text, text) FROM PUBLIC;

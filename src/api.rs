@@ -44,6 +44,14 @@ fn config_error(e: ConfigError) -> ! {
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             Some("Fix the row in synchdb_conninfo or delete and add the connector again."),
         ),
+        ConfigError::BadSslMode(_) => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Some("Valid sslmode values are disable, allow, prefer, require, verify-ca and verify-full."),
+        ),
+        ConfigError::SslNeedsRoot(_) => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Some("Give the path of a PEM file with the CA certificate(s) that signed the source's certificate."),
+        ),
         _ => (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None),
     };
     raise(code, e.to_string(), None, hint)
@@ -125,6 +133,11 @@ fn synchdb_add_conninfo(
         connector: connector.unwrap_or_default().trim().to_ascii_lowercase(),
         publication: String::new(),
         passfile: String::new(),
+        sslmode: String::new(),
+        sslrootcert: String::new(),
+        sslcert: String::new(),
+        sslkey: String::new(),
+        allow_cleartext_password: false,
     };
     if let Err(e) = info.validate() {
         config_error(e);
@@ -160,6 +173,93 @@ fn synchdb_add_conninfo(
     if let Err(e) = Spi::run_with_args(
         "INSERT INTO public.synchdb_objects (name, object_name) VALUES ($1, $2)",
         &[name.into(), object.as_str().into()],
+    ) {
+        spi_error(e);
+    }
+    0
+}
+
+/// TLS to the source, with the arguments of the original SynchDB (README,
+/// "TLS"): stored in the connector's data under libpq's names (`sslmode`,
+/// `sslcert`, `sslrootcert`); read at the connector's next start. The two
+/// passwords are not stored: PEM CA bundles have none, and client keys must
+/// be unencrypted.
+#[pg_extern]
+fn synchdb_add_extra_conninfo(
+    name: Option<&str>,
+    sslmode: Option<&str>,
+    ssl_keystore: Option<&str>,
+    ssl_keystore_pass: Option<&str>,
+    ssl_truststore: Option<&str>,
+    ssl_truststore_pass: Option<&str>,
+) -> i32 {
+    let name = name.unwrap_or_default();
+    let Some((_, mut info)) = load_conninfo(name) else {
+        unknown_connector(name)
+    };
+    let given = |v: Option<&str>| {
+        if conninfo::is_null_word(v) {
+            String::new()
+        } else {
+            v.unwrap_or_default().trim().to_string()
+        }
+    };
+    let mode = match crate::tls::SslMode::parse(&given(sslmode)) {
+        Some(m) => m,
+        None => config_error(ConfigError::BadSslMode(
+            sslmode.unwrap_or_default().to_string(),
+        )),
+    };
+    info.sslmode = mode.as_str().to_string();
+    info.sslcert = given(ssl_keystore);
+    info.sslrootcert = given(ssl_truststore);
+    if let Err(e) = info.tls() {
+        config_error(e);
+    }
+    if !conninfo::is_null_word(ssl_keystore_pass) {
+        pgrx::notice!(
+            "ssl_keystore_pass is not used: synchdb reads PEM files, and the client key must be unencrypted"
+        );
+    }
+    if !conninfo::is_null_word(ssl_truststore_pass) {
+        pgrx::notice!("ssl_truststore_pass is not used: a PEM CA bundle has no password");
+    }
+    // Only these keys change: the password loaded above may come from
+    // synchdb_secrets and must not be written into data.
+    if let Err(e) = Spi::run_with_args(
+        "UPDATE public.synchdb_conninfo
+            SET data = data || jsonb_build_object('sslmode', $2::text, 'sslcert', $3::text,
+                                                  'sslrootcert', $4::text)
+          WHERE name = $1",
+        &[
+            name.into(),
+            info.sslmode.as_str().into(),
+            info.sslcert.as_str().into(),
+            info.sslrootcert.as_str().into(),
+        ],
+    ) {
+        spi_error(e);
+    }
+    if shmem::get(my_database(), name).is_some_and(|s| s.pid > 0) {
+        pgrx::notice!(
+            "connector \"{name}\" is running; the TLS settings take effect when it starts again (synchdb_restart_connector)"
+        );
+    }
+    0
+}
+
+/// Forgets a connector's TLS settings (`sslmode`, `sslrootcert`, `sslcert`,
+/// `sslkey`): it connects with libpq's default, `prefer`, from its next start.
+#[pg_extern]
+fn synchdb_del_extra_conninfo(name: &str) -> i32 {
+    if load_conninfo(name).is_none() {
+        unknown_connector(name);
+    }
+    if let Err(e) = Spi::run_with_args(
+        "UPDATE public.synchdb_conninfo
+            SET data = data - 'sslmode' - 'sslrootcert' - 'sslcert' - 'sslkey'
+          WHERE name = $1",
+        &[name.into()],
     ) {
         spi_error(e);
     }

@@ -29,6 +29,20 @@ pub struct ConnInfo {
     /// `~/.pgpass` of the server's OS user).
     #[serde(default)]
     pub passfile: String,
+    /// TLS to the source, under libpq's names (README, "TLS"): `sslmode`
+    /// (empty: `prefer`), the PEM files `sslrootcert`, `sslcert` and
+    /// `sslkey` (read when the connector connects), and whether a password
+    /// may be sent in cleartext over an unencrypted connection.
+    #[serde(default)]
+    pub sslmode: String,
+    #[serde(default)]
+    pub sslrootcert: String,
+    #[serde(default)]
+    pub sslcert: String,
+    #[serde(default)]
+    pub sslkey: String,
+    #[serde(default)]
+    pub allow_cleartext_password: bool,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -43,6 +57,10 @@ impl std::fmt::Debug for ConnInfo {
             .field("table", &self.table)
             .field("snapshottable", &self.snapshottable)
             .field("connector", &self.connector)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("sslcert", &self.sslcert)
+            .field("sslkey", &self.sslkey)
             .finish()
     }
 }
@@ -75,6 +93,24 @@ impl ConnInfo {
                 .map_err(|_| ConfigError::BadStored("key \"port\" is not an integer".into()))?,
             _ => return Err(ConfigError::BadStored("key \"port\" is missing".into())),
         };
+        let allow_cleartext_password = match obj.get("allow_cleartext_password") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "on" | "yes" | "1" => true,
+                "false" | "off" | "no" | "0" | "" => false,
+                _ => {
+                    return Err(ConfigError::BadStored(
+                        "key \"allow_cleartext_password\" is not a boolean".into(),
+                    ))
+                }
+            },
+            Some(_) => {
+                return Err(ConfigError::BadStored(
+                    "key \"allow_cleartext_password\" is not a boolean".into(),
+                ))
+            }
+        };
         let info = ConnInfo {
             hostname: text("hostname")?,
             port,
@@ -87,6 +123,11 @@ impl ConnInfo {
             connector: text("connector")?,
             publication: text("publication")?,
             passfile: text("passfile")?,
+            sslmode: text("sslmode")?,
+            sslrootcert: text("sslrootcert")?,
+            sslcert: text("sslcert")?,
+            sslkey: text("sslkey")?,
+            allow_cleartext_password,
         };
         Ok(info)
     }
@@ -118,7 +159,37 @@ impl ConnInfo {
         if !self.publication.trim().is_empty() {
             parse_ident("publication", self.publication.trim())?;
         }
+        self.tls()?;
         Ok(())
+    }
+
+    /// The TLS options of the connector's data, checked: a known `sslmode`,
+    /// a root certificate for the verify modes, a key only with a
+    /// certificate. The files themselves are read when it connects.
+    pub fn tls(&self) -> Result<crate::tls::Options, ConfigError> {
+        let mode = crate::tls::SslMode::parse(&self.sslmode)
+            .ok_or_else(|| ConfigError::BadSslMode(self.sslmode.clone()))?;
+        let path = |v: &str| {
+            if is_null_word(Some(v)) {
+                String::new()
+            } else {
+                v.trim().to_string()
+            }
+        };
+        let opts = crate::tls::Options {
+            mode,
+            rootcert: path(&self.sslrootcert),
+            cert: path(&self.sslcert),
+            key: path(&self.sslkey),
+            allow_cleartext_password: self.allow_cleartext_password,
+        };
+        if mode.verifies() && opts.rootcert.is_empty() {
+            return Err(ConfigError::SslNeedsRoot(mode.as_str()));
+        }
+        if !opts.key.is_empty() && opts.cert.is_empty() {
+            return Err(ConfigError::SslKeyWithoutCert);
+        }
+        Ok(opts)
     }
 
     /// The source publication the connector reads: the one named in the
@@ -179,6 +250,12 @@ pub enum ConfigError {
     BadMode(String),
     #[error("stored connector data is malformed: {0}")]
     BadStored(String),
+    #[error("sslmode \"{0}\" is not valid")]
+    BadSslMode(String),
+    #[error("sslmode {0} needs a root certificate (ssl_truststore, or sslrootcert in the connector's data)")]
+    SslNeedsRoot(&'static str),
+    #[error("sslkey is set but sslcert is not")]
+    SslKeyWithoutCert,
 }
 
 /// A captured source table.
@@ -492,6 +569,11 @@ mod tests {
             connector: "postgres".into(),
             publication: String::new(),
             passfile: String::new(),
+            sslmode: String::new(),
+            sslrootcert: String::new(),
+            sslcert: String::new(),
+            sslkey: String::new(),
+            allow_cleartext_password: false,
         }
     }
 
@@ -649,6 +731,51 @@ mod tests {
         let mut missing = v;
         missing.as_object_mut().unwrap().remove("port");
         assert!(ConnInfo::from_json(&missing).is_err());
+    }
+
+    #[test]
+    fn tls_options() {
+        let c = sample();
+        let t = c.tls().expect("defaults");
+        assert_eq!(t.mode, crate::tls::SslMode::Prefer);
+        assert!(!t.allow_cleartext_password);
+        let mut v = serde_json::to_value(&c).unwrap();
+        v["sslmode"] = serde_json::json!("VERIFY-FULL");
+        v["sslrootcert"] = serde_json::json!("/etc/ca.pem");
+        v["sslcert"] = serde_json::json!("null");
+        v["allow_cleartext_password"] = serde_json::json!("on");
+        let e = ConnInfo::from_json(&v).unwrap();
+        let t = e.tls().unwrap();
+        assert_eq!(t.mode, crate::tls::SslMode::VerifyFull);
+        assert_eq!(t.rootcert, "/etc/ca.pem");
+        assert_eq!(t.cert, "");
+        assert!(t.allow_cleartext_password);
+        assert!(e.validate().is_ok());
+        v["allow_cleartext_password"] = serde_json::json!(1);
+        assert!(ConnInfo::from_json(&v).is_err());
+        let mut c = sample();
+        c.sslmode = "sometimes".into();
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::BadSslMode("sometimes".into()))
+        );
+        c.sslmode = "verify-ca".into();
+        assert_eq!(c.validate(), Err(ConfigError::SslNeedsRoot("verify-ca")));
+        c.sslmode = "require".into();
+        c.sslkey = "/k.pem".into();
+        assert_eq!(c.validate(), Err(ConfigError::SslKeyWithoutCert));
+        // Connectors stored before TLS existed read as prefer.
+        let mut old = serde_json::to_value(sample()).unwrap();
+        for k in [
+            "sslmode",
+            "sslrootcert",
+            "sslcert",
+            "sslkey",
+            "allow_cleartext_password",
+        ] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        assert_eq!(ConnInfo::from_json(&old).unwrap(), sample());
     }
 
     #[test]

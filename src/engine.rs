@@ -1089,6 +1089,9 @@ fn replication_config(info: &ConnInfo) -> replication::Config {
         dbname: info.srcdb.clone(),
         application_name: "synchdb".into(),
         options: source::PINNED_OPTIONS.into(),
+        // Checked when the connector started, and by source::connect,
+        // which always opens the normal connection first.
+        tls: info.tls().unwrap_or_default(),
     }
 }
 

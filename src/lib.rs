@@ -23,6 +23,7 @@ pub mod shmem;
 pub mod source;
 pub mod sqlgen;
 pub mod switchover;
+pub mod tls;
 pub mod untrusted;
 pub mod usercontext;
 pub mod worker;

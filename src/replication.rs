@@ -1,6 +1,9 @@
 //! The replication-protocol client: a walsender session on the source
-//! (startup with `replication=database`, SCRAM-SHA-256 / MD5 / password
-//! authentication), simple queries on it (`CREATE_REPLICATION_SLOT ...
+//! (TLS as the connector's sslmode says, through `crate::tls`; startup with
+//! `replication=database`; SCRAM-SHA-256, with channel binding
+//! (SCRAM-SHA-256-PLUS) over TLS, MD5 or password authentication, the
+//! password never sent in cleartext over an unencrypted connection unless
+//! allowed), simple queries on it (`CREATE_REPLICATION_SLOT ...
 //! EXPORT_SNAPSHOT`), and `START_REPLICATION` with the pgoutput options the
 //! server's version accepts. Once streaming, a task on the worker's runtime
 //! reads the socket, hands `XLogData` and keepalives to the worker through a
@@ -11,13 +14,14 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 
 /// The largest backend message accepted (a pgoutput message carries at
@@ -35,9 +39,27 @@ pub enum ReplError {
     Server { message: String, code: String },
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    CleartextRefused(crate::tls::CleartextRefused),
+}
+
+impl ReplError {
+    /// Whether a plain connection failed in a way TLS may fix (sslmode
+    /// allow tries TLS next): pg_hba.conf turned it away (SQLSTATE class
+    /// 28), or the server asked for a cleartext password.
+    fn rejects_plain(&self) -> bool {
+        match self {
+            ReplError::Server { code, .. } => code.starts_with("28"),
+            ReplError::CleartextRefused(_) => true,
+            _ => false,
+        }
+    }
 }
 
 fn io(e: std::io::Error) -> ReplError {
+    if crate::tls::is_cleartext_refusal(&e) {
+        return ReplError::CleartextRefused(crate::tls::CleartextRefused);
+    }
     ReplError::Io(e.to_string())
 }
 
@@ -53,6 +75,8 @@ pub struct Config {
     pub application_name: String,
     /// Session settings (`-c name=value ...`).
     pub options: String,
+    /// sslmode and the PEM files (read at each connection).
+    pub tls: crate::tls::Options,
 }
 
 /// One frame of the backend protocol: type byte and body.
@@ -110,7 +134,7 @@ fn be_u64(b: &[u8], at: usize) -> Result<u64, ReplError> {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: crate::tls::Stream,
     buf: BytesMut,
     out: BytesMut,
 }
@@ -149,10 +173,26 @@ impl Session {
     }
 
     async fn connect_inner(cfg: &Config) -> Result<Session, ReplError> {
-        let stream = TcpStream::connect((cfg.host.as_str(), cfg.port))
-            .await
-            .map_err(io)?;
-        let _ = stream.set_nodelay(true);
+        let connector = crate::tls::Connector::new(&cfg.tls, &cfg.host).map_err(ReplError::Io)?;
+        let attempts = connector.attempts();
+        let mut last = ReplError::Io("no connection attempt was made".into());
+        for (i, attempt) in attempts.iter().enumerate() {
+            let stream = connector
+                .open(&cfg.host, cfg.port, *attempt)
+                .await
+                .map_err(ReplError::Io)?;
+            match Session::startup(cfg, stream).await {
+                Ok(s) => return Ok(s),
+                // sslmode allow: the plain connection was turned away; TLS next.
+                Err(e) if i + 1 < attempts.len() && e.rejects_plain() => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// The startup message and authentication on an open stream.
+    async fn startup(cfg: &Config, stream: crate::tls::Stream) -> Result<Session, ReplError> {
         let mut conn = Conn {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),
@@ -186,6 +226,13 @@ impl Session {
                     match code {
                         0 => {}
                         3 => {
+                            // The stream's guard refuses this already; kept
+                            // here so no other path can send it.
+                            if !conn.stream.is_tls() && !cfg.tls.allow_cleartext_password {
+                                return Err(ReplError::CleartextRefused(
+                                    crate::tls::CleartextRefused,
+                                ));
+                            }
                             frontend::password_message(cfg.password.as_bytes(), &mut conn.out)
                                 .map_err(io)?;
                         }
@@ -197,24 +244,16 @@ impl Session {
                                 .map_err(io)?;
                         }
                         10 => {
-                            let offers_scram = data
-                                .split(|b| *b == 0)
-                                .any(|m| m == SCRAM_SHA_256.as_bytes());
-                            if !offers_scram {
-                                return Err(ReplError::Protocol(
-                                    "the source offers no supported SASL mechanism".into(),
-                                ));
-                            }
-                            let s = ScramSha256::new(
-                                cfg.password.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response(
-                                SCRAM_SHA_256,
-                                s.message(),
-                                &mut conn.out,
-                            )
-                            .map_err(io)?;
+                            let offers =
+                                |name: &str| data.split(|b| *b == 0).any(|m| m == name.as_bytes());
+                            let (mechanism, binding) = sasl_choice(
+                                conn.stream.end_point(),
+                                offers(SCRAM_SHA_256_PLUS),
+                                offers(SCRAM_SHA_256),
+                            )?;
+                            let s = ScramSha256::new(cfg.password.as_bytes(), binding);
+                            frontend::sasl_initial_response(mechanism, s.message(), &mut conn.out)
+                                .map_err(io)?;
                             scram = Some(s);
                         }
                         11 => {
@@ -308,6 +347,28 @@ impl Session {
         let (tx, rx) = mpsc::channel(buffer.max(1));
         let task = tokio::spawn(stream_task(self.conn, tx, shared.clone()));
         Ok(Stream { rx, shared, task })
+    }
+}
+
+/// Which SCRAM mechanism to use, as libpq: with TLS and the server's
+/// offer, SCRAM-SHA-256-PLUS bound to the server certificate
+/// (tls-server-end-point); with TLS but no offer, plain SCRAM saying the
+/// client could bind ('y', so a downgrade is detected); without TLS, 'n'.
+fn sasl_choice(
+    end_point: Option<&[u8]>,
+    offers_plus: bool,
+    offers_plain: bool,
+) -> Result<(&'static str, ChannelBinding), ReplError> {
+    match end_point {
+        Some(h) if offers_plus => Ok((
+            SCRAM_SHA_256_PLUS,
+            ChannelBinding::tls_server_end_point(h.to_vec()),
+        )),
+        Some(_) if offers_plain => Ok((SCRAM_SHA_256, ChannelBinding::unrequested())),
+        None if offers_plain => Ok((SCRAM_SHA_256, ChannelBinding::unsupported())),
+        _ => Err(ReplError::Protocol(
+            "the source offers no supported SASL mechanism".into(),
+        )),
     }
 }
 
@@ -644,6 +705,24 @@ mod tests {
         let mut huge = 1i16.to_be_bytes().to_vec();
         huge.extend_from_slice(&i32::MAX.to_be_bytes());
         assert!(parse_data_row(&huge).is_err());
+    }
+
+    #[test]
+    fn sasl_mechanism_choice() {
+        let h = [7u8; 32];
+        let m = |e, plus, plain| sasl_choice(e, plus, plain).map(|(m, _)| m).ok();
+        assert_eq!(m(Some(&h[..]), true, true), Some(SCRAM_SHA_256_PLUS));
+        assert_eq!(m(Some(&h[..]), false, true), Some(SCRAM_SHA_256));
+        assert_eq!(m(None, true, true), Some(SCRAM_SHA_256));
+        assert_eq!(m(None, true, false), None);
+        assert_eq!(m(None, false, false), None);
+        assert!(ReplError::Server {
+            message: "no pg_hba.conf entry".into(),
+            code: "28000".into()
+        }
+        .rejects_plain());
+        assert!(ReplError::CleartextRefused(crate::tls::CleartextRefused).rejects_plain());
+        assert!(!ReplError::Io("refused".into()).rejects_plain());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::conninfo::{ConnInfo, TableRef};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// A source problem, phrased for the state view. Never carries the password.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +110,12 @@ fn block_signals() {
 /// replication pins the same ones.
 pub const PINNED_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C -c client_encoding=UTF8";
 
-fn config(info: &ConnInfo) -> tokio_postgres::Config {
+/// How long one connection attempt may take (TCP, TLS and authentication).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The startup settings; the socket, and TLS on it, come from
+/// `crate::tls` (shared with the replication connection).
+fn config(info: &ConnInfo, encrypted: bool) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.options(PINNED_OPTIONS);
     c.host(&info.hostname)
@@ -118,23 +123,81 @@ fn config(info: &ConnInfo) -> tokio_postgres::Config {
         .user(&info.user)
         .password(info.pwd.as_bytes())
         .dbname(&info.srcdb)
-        .application_name("synchdb")
-        .connect_timeout(Duration::from_secs(10))
-        .keepalives(true);
+        .application_name("synchdb");
+    if encrypted {
+        // The stream is encrypted already: tokio-postgres sends no
+        // SSLRequest and takes it as it is (with its channel binding data).
+        c.ssl_mode(tokio_postgres::config::SslMode::Require)
+            .ssl_negotiation(tokio_postgres::config::SslNegotiation::Direct);
+    } else {
+        c.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
     c
 }
 
-/// Opens a normal connection; its driver task runs on the current runtime.
-pub async fn connect(info: &ConnInfo) -> Result<Client, SourceError> {
-    let (client, conn) = config(info)
-        .connect(NoTls)
+type Opened = (
+    Client,
+    tokio_postgres::Connection<crate::tls::Stream, crate::tls::Stream>,
+);
+
+/// Why one connection attempt failed.
+enum AttemptError {
+    /// TCP, TLS, or a file the TLS settings name.
+    Transport(String),
+    Pg(tokio_postgres::Error),
+}
+
+async fn open_once(
+    info: &ConnInfo,
+    connector: &crate::tls::Connector,
+    attempt: crate::tls::Attempt,
+) -> Result<Opened, AttemptError> {
+    let port = u16::try_from(info.port).unwrap_or(5432);
+    let stream = connector
+        .open(&info.hostname, port, attempt)
         .await
-        .map_err(|e| SourceError::Connect {
-            host: info.hostname.clone(),
-            port: info.port,
-            db: info.srcdb.clone(),
-            msg: describe_pg_error(&e),
-        })?;
+        .map_err(AttemptError::Transport)?;
+    config(info, stream.is_tls())
+        .connect_raw(stream, crate::tls::AlreadyEncrypted)
+        .await
+        .map_err(AttemptError::Pg)
+}
+
+/// Opens a normal connection (with TLS as the connector's sslmode says);
+/// its driver task runs on the current runtime.
+pub async fn connect(info: &ConnInfo) -> Result<Client, SourceError> {
+    let fail = |msg: String| SourceError::Connect {
+        host: info.hostname.clone(),
+        port: info.port,
+        db: info.srcdb.clone(),
+        msg,
+    };
+    let opts = info.tls().map_err(|e| fail(e.to_string()))?;
+    let connector = crate::tls::Connector::new(&opts, &info.hostname).map_err(fail)?;
+    let attempts = connector.attempts();
+    let mut opened = None;
+    for (i, attempt) in attempts.iter().enumerate() {
+        let more = i + 1 < attempts.len();
+        match tokio::time::timeout(CONNECT_TIMEOUT, open_once(info, &connector, *attempt)).await {
+            Err(_) => {
+                return Err(fail(format!(
+                    "timed out after {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(Ok(o)) => {
+                opened = Some(o);
+                break;
+            }
+            // sslmode allow: the plain connection was turned away; TLS next.
+            Ok(Err(AttemptError::Pg(e))) if more && rejected_plain(&e) => {}
+            Ok(Err(AttemptError::Pg(e))) => return Err(fail(describe_pg_error(&e))),
+            Ok(Err(AttemptError::Transport(m))) => return Err(fail(m)),
+        }
+    }
+    let Some((client, conn)) = opened else {
+        return Err(fail("no connection attempt was made".into()));
+    };
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -152,6 +215,15 @@ pub async fn connect(info: &ConnInfo) -> Result<Client, SourceError> {
     }
     VERSION.with(|c| c.set(v));
     Ok(client)
+}
+
+/// Whether a plain connection failed in a way TLS may fix: pg_hba.conf
+/// turned it away (SQLSTATE class 28), or the server asked for a
+/// cleartext password.
+fn rejected_plain(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| db.code().code().starts_with("28"))
+        || crate::tls::is_cleartext_refusal(e)
 }
 
 /// Checks what the connector needs from the source, with a clear message

@@ -114,7 +114,7 @@ fn malformed_pgoutput_messages_are_an_error_and_nothing_is_lost() {
         t.xlog = Some(Arc::new(|m: &[u8]| match m.first() {
             Some(b'I') if m.len() > 12 => {
                 let mut v = m.to_vec();
-                if m.len() % 2 == 0 {
+                if m.len().is_multiple_of(2) {
                     v.truncate(m.len() - 3);
                 } else {
                     // The first column's length: after 'I', rel id, 'N', count, kind.

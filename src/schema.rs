@@ -177,10 +177,10 @@ fn domain_checks(domain: &str, checks: &[String]) -> Vec<String> {
     let mut out = Vec::new();
     for def in checks {
         let Some((expr, not_valid)) = crate::untrusted::split_domain_check(def) else {
-            pgrx::error!(
+            crate::untrusted::refuse(format!(
                 "source {what} is not a CHECK constraint; refused: {}",
                 crate::untrusted::shown(def)
-            );
+            ));
         };
         let pasted = crate::untrusted::expression(expr, &what);
         if not_valid {

@@ -41,6 +41,16 @@ pub fn shown(text: &str) -> String {
     }
 }
 
+/// Raises the ERROR of a refused text (SQLSTATE 42P17,
+/// invalid_object_definition: the source defines something unusable).
+pub fn refuse(message: String) -> ! {
+    pgrx::ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
+        message
+    );
+}
+
 /// The form in which an expression that passed `expression` is pasted.
 pub fn paste(expr: &str) -> String {
     format!("({expr}\n)")
@@ -129,25 +139,26 @@ unsafe fn lone_expression(expr: &str) -> Result<*mut pg_sys::Node, String> {
 }
 
 /// Raises an ERROR unless `expr`, which the source wrote as `what` (e.g.
-/// `the default of column "d" of public.t`), is exactly one expression;
+/// `default of column "d" of public.t`), is exactly one expression;
 /// returns it as it must be pasted (`paste`).
 pub fn expression(expr: &str, what: &str) -> String {
     let checked = crate::pgtxn::in_subtransaction(|| unsafe { lone_expression(expr).map(|_| ()) });
     match checked {
         Ok(Ok(())) => paste(expr),
-        Ok(Err(why)) | Err(why) => pgrx::error!(
+        Ok(Err(why)) | Err(why) => refuse(format!(
             "source {what} is not a single expression ({why}); refused: {}",
             shown(expr)
-        ),
+        )),
     }
 }
 
 /// A source column default, checked by `expression`, as `ADD COLUMN ...
 /// DEFAULT` may use it: `None` (with a WARNING) when it calls a volatile
-/// function. Such a default would be evaluated here, as the worker, for
-/// every existing row, and its values could not match the source's anyway
-/// (`nextval`, `random()`, `clock_timestamp()`); the column is added
-/// without it and existing rows hold NULL.
+/// function, or names what the destination lacks. A volatile default would
+/// be evaluated here, as the worker, for every existing row, and its values
+/// could not match the source's anyway (`nextval`, `random()`,
+/// `clock_timestamp()`); the column is added without it and existing rows
+/// hold NULL.
 pub fn default_expression(expr: &str, what: &str) -> Option<String> {
     let pasted = expression(expr, what);
     let volatile = crate::pgtxn::in_subtransaction(|| unsafe {
@@ -169,7 +180,11 @@ pub fn default_expression(expr: &str, what: &str) -> Option<String> {
             None
         }
         Ok(Err(why)) | Err(why) => {
-            pgrx::error!("source {what} cannot be used here ({why}): {}", shown(expr))
+            pgrx::warning!(
+                "synchdb: source {what} cannot be evaluated here ({why}); the column is added without it (existing rows hold NULL): {}",
+                shown(expr)
+            );
+            None
         }
     }
 }
@@ -204,16 +219,20 @@ pub fn check_domain_constraints(schema: &str, name: &str) {
     };
     for e in exprs {
         let Ok(c) = CString::new(e) else {
-            pgrx::error!("a CHECK constraint of domain {name:?} is unreadable");
+            pgrx::error!(
+                "a CHECK constraint of domain {} is unreadable",
+                crate::sqlgen::quote_ident(name)
+            );
         };
         let volatile = unsafe {
             let node = pg_sys::stringToNode(c.as_ptr()) as *mut pg_sys::Node;
             pg_sys::contain_volatile_functions(node)
         };
         if volatile {
-            pgrx::error!(
-                "source CHECK constraint of domain {name:?} calls a volatile function; refused (a domain CHECK runs on every value applied)"
-            );
+            refuse(format!(
+                "source CHECK constraint of domain {} calls a volatile function; refused (a domain CHECK runs on every value applied)",
+                crate::sqlgen::quote_ident(name)
+            ));
         }
     }
 }
@@ -266,10 +285,10 @@ pub fn builtin_type(text: &str, what: &str) -> String {
     });
     match resolved {
         Ok(Ok(t)) => t,
-        Ok(Err(why)) | Err(why) => pgrx::error!(
+        Ok(Err(why)) | Err(why) => refuse(format!(
             "source type of {what} does not name a built-in type of the destination ({why}); refused: {}",
             shown(text)
-        ),
+        )),
     }
 }
 
@@ -278,11 +297,11 @@ pub fn builtin_type(text: &str, what: &str) -> String {
 /// the checks above cannot have made it two.
 pub fn single_statement(sql: &str) {
     let Ok(c) = CString::new(sql) else {
-        pgrx::error!("a DDL statement contains a NUL byte; refused");
+        refuse("a DDL statement contains a NUL byte; refused".into());
     };
     let n = unsafe { raw_statements(&c).len() };
     if n != 1 {
-        pgrx::error!("a DDL statement parses as {n} statements; refused");
+        refuse(format!("a DDL statement parses as {n} statements; refused"));
     }
 }
 

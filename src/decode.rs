@@ -793,7 +793,10 @@ mod tests {
                 *first = tags[rng.below(tags.len())];
             }
             let (_, largest) = decode_probed(&buf);
-            assert!(largest <= 64 * 1024, "{largest} bytes allocated for {buf:?}");
+            assert!(
+                largest <= 64 * 1024,
+                "{largest} bytes allocated for {buf:?}"
+            );
         }
         // Valid messages with bytes flipped, inserted or cut.
         let samples = samples();
@@ -817,7 +820,10 @@ mod tests {
                 }
             }
             let (_, largest) = decode_probed(&buf);
-            assert!(largest <= 64 * 1024, "{largest} bytes allocated for {buf:?}");
+            assert!(
+                largest <= 64 * 1024,
+                "{largest} bytes allocated for {buf:?}"
+            );
         }
     }
 

@@ -358,18 +358,37 @@ fn built_in_type_names_keep_their_typmods() {
     // type and typmod, when a table is created and when it is reshaped.
     let pair = pair_with_canary();
     pair.src.execute(
-        r#"CREATE TABLE public.typed (
+        r#"CREATE TYPE public.pair AS (x numeric(6,2), y varchar(3)[]);
+           CREATE TYPE public.frange AS RANGE (subtype = float8);
+           CREATE DOMAIN public.small AS numeric(4,1) CHECK (VALUE > 0) CHECK (VALUE < 100);
+           CREATE TABLE public.typed (
              id int PRIMARY KEY, a character varying(10), b numeric(12,3),
              c timestamp(3) with time zone, d integer[], e interval year to month,
              f bit varying(5), g "char", h time(2) without time zone, i character(4)[],
              j double precision, k information_schema.cardinal_number,
              l interval day to second(2), m bigint[][],
-             n int GENERATED ALWAYS AS (coalesce(array_length(d, 1), 0) + 1) STORED);
-           INSERT INTO public.typed (id, a, b, c, d, e, f, g, h, i, j, k, l, m) VALUES
+             n int GENERATED ALWAYS AS (coalesce(array_length(d, 1), 0) + 1) STORED,
+             u public.pair, v public.frange, w public.small[]);
+           INSERT INTO public.typed (id, a, b, c, d, e, f, g, h, i, j, k, l, m, u, v, w) VALUES
              (1, 'x;y', 1.5, '2024-01-02 03:04:05.678+00', '{1,2}', '1 year 2 mons', B'101',
-              'q', '01:02:03.45', '{ab,NULL}', 1e300, 7, '1 day 00:00:01.25', '{{1,2},{3,4}}'),
-             (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);"#,
+              'q', '01:02:03.45', '{ab,NULL}', 1e300, 7, '1 day 00:00:01.25', '{{1,2},{3,4}}',
+              '(1.25,"{a,bc}")', '[1.5,2.5)', '{1.5,99.9}'),
+             (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+              NULL, NULL, NULL);"#,
     );
+    // The user-defined types' parts, as each side defines them.
+    let parts = |c: &Cluster, schema: &str| {
+        c.query_strings(&format!(
+            "SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+              WHERE a.attrelid = (SELECT typrelid FROM pg_type WHERE oid = '{schema}.pair'::regtype)
+             UNION ALL SELECT format_type(typbasetype, typtypmod) FROM pg_type
+              WHERE oid = '{schema}.small'::regtype
+             UNION ALL (SELECT pg_get_constraintdef(oid) FROM pg_constraint
+              WHERE contypid = '{schema}.small'::regtype ORDER BY 1)
+             UNION ALL SELECT format_type(rngsubtype, NULL) FROM pg_range
+              WHERE rngtypid = '{schema}.frange'::regtype"
+        ))
+    };
     pair.add_connector_with("tm", "public.typed", "null");
     pair.start("tm", "initial");
     pair.wait_tables_equal("public.typed", "postgres.typed", "id");
@@ -377,6 +396,7 @@ fn built_in_type_names_keep_their_typmods() {
         column_types(&pair.src, "public.typed"),
         column_types(&pair.dst, "postgres.typed")
     );
+    assert_eq!(parts(&pair.src, "public"), parts(&pair.dst, "postgres"));
     // Columns added to a table with rows: it is copied again, reshaped.
     pair.src.execute(
         "ALTER TABLE public.typed ADD COLUMN o numeric(5,1)[],
@@ -384,7 +404,7 @@ fn built_in_type_names_keep_their_typmods() {
          UPDATE public.typed SET o = '{1.5}' WHERE id = 1;",
     );
     wait_until(LONG, "the added columns", || {
-        column_types(&pair.dst, "postgres.typed").len() == 17
+        column_types(&pair.dst, "postgres.typed").len() == 20
     });
     pair.wait_tables_equal("public.typed", "postgres.typed", "id");
     assert_eq!(

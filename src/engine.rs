@@ -526,6 +526,9 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     )
 }
 
+/// How an undecodable pgoutput message is reported (a source problem).
+const MALFORMED: &str = "malformed pgoutput message";
+
 /// Keeps the publication in step with the captured tables while streaming
 /// (over a connection of its own: the applier holds the catalog's).
 struct PublicationWatch {
@@ -1315,10 +1318,9 @@ fn stream(
                         applier.apply(msg, wal_start);
                         None
                     }
-                    Err(e) => pgrx::error!(
-                        "malformed pgoutput message at {}: {e}",
-                        crate::lsn::format_lsn(wal_start)
-                    ),
+                    Err(e) => {
+                        pgrx::error!("{MALFORMED} at {}: {e}", crate::lsn::format_lsn(wal_start))
+                    }
                 }
             }
             Event::KeepAlive { wal_end } => {
@@ -1380,6 +1382,12 @@ fn stream(
                 if e.contains(crate::relcache::APPLY_AGAIN) {
                     pgrx::log!("synchdb: connector \"{}\": {e}", ctx.name);
                     return Err(Stop::Restart);
+                }
+                if e.starts_with(MALFORMED) {
+                    // What the source (or the network) sent is broken, not
+                    // the destination: nothing of it was applied, and the
+                    // stream is read again from the last applied position.
+                    return Err(Stop::Source(e));
                 }
                 if e.contains("invalid input value for enum") {
                     match applier.sync_enum_labels(&type_oids) {

@@ -354,14 +354,12 @@ fn client_config(opts: &Options) -> Result<ClientConfig, String> {
         "" => None,
         path => Some(Arc::new(load_roots(path)?)),
     };
-    if opts.mode.verifies() && roots.is_none() {
-        return Err(format!(
-            "sslmode {} needs a root certificate (sslrootcert)",
-            opts.mode.as_str()
-        ));
-    }
     let verifier: Arc<dyn ServerCertVerifier> =
         match (verification(opts.mode, roots.is_some()), roots) {
+            (Verify::Nothing, _) => Arc::new(ChainOnly {
+                roots: None,
+                provider: provider.clone(),
+            }),
             (Verify::ChainAndHost, Some(roots)) => {
                 rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                     .build()
@@ -371,10 +369,12 @@ fn client_config(opts: &Options) -> Result<ClientConfig, String> {
                 roots: Some(roots),
                 provider: provider.clone(),
             }),
-            _ => Arc::new(ChainOnly {
-                roots: None,
-                provider: provider.clone(),
-            }),
+            (_, None) => {
+                return Err(format!(
+                    "sslmode {} needs a root certificate (sslrootcert)",
+                    opts.mode.as_str()
+                ))
+            }
         };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -261,10 +261,9 @@ fn replicates(pair: &Pair, name: &str, db: &str) {
     assert_encrypted(pair, db);
 }
 
-/// On the source: the connector's walsender is encrypted (pg_stat_ssl),
-/// every synchdb backend of `db` is, and its normal connection was
-/// (the connection log says "SSL enabled").
-fn assert_encrypted(pair: &Pair, db: &str) {
+/// On the source (any version): the connector's walsender is encrypted
+/// (pg_stat_ssl), and so is every synchdb backend of `db`.
+fn assert_walsender_encrypted(pair: &Pair, db: &str) {
     wait_until(LONG, &format!("an encrypted walsender for {db}"), || {
         pair.src.count(&format!(
             "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
@@ -279,6 +278,12 @@ fn assert_encrypted(pair: &Pair, db: &str) {
         )),
         0
     );
+}
+
+/// As above, and the normal connection was encrypted too (the source's
+/// connection log says "SSL enabled"; PostgreSQL 15's format).
+fn assert_encrypted(pair: &Pair, db: &str) {
+    assert_walsender_encrypted(pair, db);
     let log = pair.src.log_contents();
     let normal: Vec<&str> = log
         .lines()
@@ -571,4 +576,43 @@ fn cleartext_password_only_over_tls_unless_allowed() {
             ) >= 1
         },
     );
+}
+
+/// Another source version: PostgreSQL 10 has no channel binding (plain
+/// SCRAM over TLS), 18 checks ALPN when a client sends it.
+fn tls_to_source_version(major: u32) {
+    let src = Cluster::source_version(major);
+    let pki = Pki::new(&src);
+    tls_source(&src, &pki, &hba_tls_only("scram-sha-256"));
+    let pair = Pair::with_clusters(src, fast_retry_destination());
+    let ca = pki.path("ca.crt");
+    add(&pair, "full", "db_full", Some("verify-full"), "", &ca);
+    add(&pair, "pref", "db_pref", None, "", "");
+    for name in ["full", "pref"] {
+        pair.start(name, "initial");
+    }
+    for (name, db) in [("full", "db_full"), ("pref", "db_pref")] {
+        let count = |sql: &str| pair.dst.count(sql);
+        wait_until(LONG, &format!("{name}: the snapshot"), || {
+            count(&format!("SELECT count(*) FROM {db}.t")) == 20
+        });
+        pair.src
+            .client_db(db)
+            .batch_execute("INSERT INTO t VALUES (1000, 'after the snapshot')")
+            .expect("source insert");
+        wait_until(LONG, &format!("{name}: the change streamed"), || {
+            count(&format!("SELECT count(*) FROM {db}.t WHERE id = 1000")) == 1
+        });
+        assert_walsender_encrypted(&pair, db);
+    }
+}
+
+#[test]
+fn tls_to_postgresql_10() {
+    tls_to_source_version(10);
+}
+
+#[test]
+fn tls_to_postgresql_18() {
+    tls_to_source_version(18);
 }

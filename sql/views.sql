@@ -59,6 +59,7 @@ REVOKE EXECUTE ON FUNCTION synchdb_pause_engine(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_resume_engine(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_set_offset(text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_reset_stats(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_set_password(text, text) FROM PUBLIC;
 
 -- The switch-over (README, "Switch-over"): whether the replica has caught up
 -- with the source, with LSNs typed as such.

@@ -110,6 +110,8 @@ fn synchdb_add_conninfo(
     snapshottable: Option<&str>,
     connector: Option<&str>,
 ) -> i32 {
+    // The statement carries the password: whatever fails, it is not logged.
+    crate::secrets::hide_statement();
     let name = name.unwrap_or_default();
     if let Err(e) = conninfo::check_name(name) {
         config_error(e);
@@ -193,6 +195,8 @@ fn synchdb_add_extra_conninfo(
     ssl_truststore: Option<&str>,
     ssl_truststore_pass: Option<&str>,
 ) -> i32 {
+    // The statement carries passphrases: whatever fails, it is not logged.
+    crate::secrets::hide_statement();
     let name = name.unwrap_or_default();
     let Some((_, mut info)) = load_conninfo(name) else {
         unknown_connector(name)

@@ -666,6 +666,7 @@ impl<'c> Applier<'c> {
             self.late_copy = Some(key.clone());
             pgrx::error!("source table {key} is new; it is copied");
         }
+        schema::require_table(&target.dst_schema, &target.dst_table);
         let existing = schema::relid(&target.dst_schema, &target.dst_table);
         if let Some(relid) = existing {
             unsafe { pg_sys::LockRelationOid(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };

@@ -322,6 +322,7 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     info.validate().map_err(|e| Stop::Fatal(e.to_string()))?;
     let object = pgtxn::run(|| crate::worker::object_name(&ctx.name)).map_err(Stop::Fatal)?;
     let dst_schema = info.srcdb.clone();
+    pgtxn::run(|| schema::require_trusted_schema(&dst_schema)).map_err(Stop::Fatal)?;
     let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
     let src_schema = match &explicit {
         Some(_) => String::new(),
@@ -1013,6 +1014,7 @@ fn snapshot_tables(
             let build_pk = if schema::create_table(dst_schema, &dst, shape, true) {
                 true
             } else {
+                schema::require_table(dst_schema, &dst);
                 check_owner(&ctx.name, dst_schema, &dst);
                 // As the table's owner (a DBA may have given it to another
                 // role): its TRUNCATE triggers run with the owner's rights.

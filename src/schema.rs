@@ -340,6 +340,7 @@ pub fn format_type(oid: u32, typmod: i32) -> String {
 
 /// Whether the destination table has no row.
 pub fn is_empty(schema: &str, table: &str) -> bool {
+    require_table(schema, table);
     let sql = format!(
         "SELECT NOT EXISTS (SELECT 1 FROM {})",
         sqlgen::qualified(schema, table)
@@ -347,6 +348,83 @@ pub fn is_empty(schema: &str, table: &str) -> bool {
     match Spi::get_one::<bool>(&sql) {
         Ok(Some(b)) => b,
         Ok(None) => false,
+        Err(e) => pgrx::error!("{e}"),
+    }
+}
+
+/// Raises an ERROR unless destination schema `schema` (when it exists) is
+/// trusted: owned by a superuser, with no other role allowed to create in
+/// it, and no type in it owned by one. The worker (a superuser) uses what
+/// the schema holds by name (types it finds there, names resolved there),
+/// so an object another role planted would run that role's code with a
+/// superuser's rights.
+pub fn require_trusted_schema(schema: &str) {
+    let row = Spi::get_three_with_args::<String, String, String>(
+        "SELECT CASE WHEN o.rolsuper THEN '' ELSE o.rolname::text END,
+                coalesce((SELECT string_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                                          ELSE g.rolname::text END, ', ')
+                            FROM pg_catalog.aclexplode(n.nspacl) a
+                            LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+                           WHERE a.privilege_type = 'CREATE'
+                             AND (a.grantee = 0 OR NOT g.rolsuper)), ''),
+                coalesce((SELECT string_agg(format('%I (%s)', t.typname, r.rolname), ', ')
+                            FROM pg_catalog.pg_type t
+                            JOIN pg_catalog.pg_roles r ON r.oid = t.typowner
+                            LEFT JOIN pg_catalog.pg_class c ON c.oid = t.typrelid
+                           WHERE t.typnamespace = n.oid AND NOT r.rolsuper
+                             AND t.typcategory <> 'A'
+                             AND (t.typrelid = 0 OR c.relkind = 'c')), '')
+           FROM pg_catalog.pg_namespace n
+           JOIN pg_catalog.pg_roles o ON o.oid = n.nspowner
+          WHERE n.nspname = $1",
+        &[schema.into()],
+    );
+    let (owner, creators, types) = match row {
+        Ok((o, c, t)) => (
+            o.unwrap_or_default(),
+            c.unwrap_or_default(),
+            t.unwrap_or_default(),
+        ),
+        Err(pgrx::spi::Error::InvalidPosition) => return,
+        Err(e) => pgrx::error!("{e}"),
+    };
+    let q = sqlgen::quote_ident(schema);
+    if !owner.is_empty() {
+        pgrx::error!(
+            "destination schema {q} belongs to role \"{owner}\", which is not a superuser: what it holds would be used by the connector's worker, a superuser; run ALTER SCHEMA {q} OWNER TO a superuser"
+        );
+    }
+    if !creators.is_empty() {
+        pgrx::error!(
+            "roles other than superusers may create objects in destination schema {q} ({creators}): the connector's worker, a superuser, would use them; run REVOKE CREATE ON SCHEMA {q} FROM {creators}"
+        );
+    }
+    if !types.is_empty() {
+        pgrx::error!(
+            "destination schema {q} holds types owned by roles that are not superusers ({types}): the connector's worker, a superuser, would use them; drop them or give them to a superuser"
+        );
+    }
+}
+
+/// Raises an ERROR unless destination relation schema.table (when it
+/// exists) is a table or a partitioned table. The worker reads and writes
+/// destination relations as a superuser (or as their owner): a view, or a
+/// table turned into one, would run its owner's functions with those rights.
+pub fn require_table(schema: &str, table: &str) {
+    let kind = Spi::get_one_with_args::<String>(
+        "SELECT c.relkind::text FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = $1 AND c.relname = $2",
+        &[schema.into(), table.into()],
+    );
+    match kind {
+        Ok(Some(k)) if k == "r" || k == "p" => {}
+        Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => {}
+        Ok(Some(k)) => pgrx::error!(
+            "destination {}.{} is not a table (relkind {k}); the connector writes only into tables",
+            sqlgen::quote_ident(schema),
+            sqlgen::quote_ident(table)
+        ),
         Err(e) => pgrx::error!("{e}"),
     }
 }

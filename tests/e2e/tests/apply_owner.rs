@@ -396,3 +396,66 @@ fn copies_run_as_the_owner_and_the_connectors_tables_as_the_worker() {
         "{orders:?}"
     );
 }
+
+#[test]
+fn a_destination_table_turned_into_a_view_is_refused() {
+    let pair = Pair::new();
+    pair.add_connector(NAME);
+    pair.start(NAME, "initial");
+    pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+    pair.wait_caught_up(NAME);
+    // A view in the destination table's place: reading it would run its
+    // definition (and any function in it) as the worker.
+    pair.dst.execute(
+        "DROP TABLE postgres.orders;
+         CREATE VIEW postgres.orders AS
+           SELECT 1 AS id, 'x'::text AS customer, 1.0::numeric(10,2) AS amount, now() AS created;",
+    );
+    pair.src
+        .execute("INSERT INTO public.orders (id, customer) VALUES (990, 'after the view')");
+    let err = wait_stopped_on_error(&pair);
+    assert!(err.contains("is not a table"), "{err}");
+}
+
+#[test]
+fn an_untrusted_destination_schema_is_refused() {
+    let pair = Pair::new();
+    pair.dst.execute(
+        "CREATE ROLE app LOGIN;
+         CREATE SCHEMA postgres AUTHORIZATION app;",
+    );
+    pair.add_connector(NAME);
+    pair.start(NAME, "initial");
+    let err = wait_stopped_on_error(&pair);
+    assert!(err.contains("belongs to role \"app\""), "{err}");
+
+    pair.dst.execute(
+        "ALTER SCHEMA postgres OWNER TO postgres;
+         GRANT CREATE ON SCHEMA postgres TO app;",
+    );
+    pair.start(NAME, "initial");
+    let err = wait_for_value(LONG, "the schema's CREATE grant refused", || {
+        pair.state(NAME)
+            .filter(|s| s.pid == -1 && s.err.contains("may create objects"))
+            .map(|s| s.err)
+    });
+    assert!(err.contains("REVOKE CREATE ON SCHEMA"), "{err}");
+
+    pair.dst.execute(
+        "REVOKE CREATE ON SCHEMA postgres FROM app;
+         SET ROLE app; SET ROLE NONE;
+         CREATE TYPE postgres.planted AS (a int);
+         ALTER TYPE postgres.planted OWNER TO app;",
+    );
+    pair.start(NAME, "initial");
+    let err = wait_for_value(LONG, "a planted type refused", || {
+        pair.state(NAME)
+            .filter(|s| s.pid == -1 && s.err.contains("holds types owned by"))
+            .map(|s| s.err)
+    });
+    assert!(err.contains("planted"), "{err}");
+
+    pair.dst.execute("DROP TYPE postgres.planted");
+    pair.start(NAME, "initial");
+    pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+}

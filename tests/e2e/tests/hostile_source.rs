@@ -49,17 +49,43 @@ fn wait_ready(pair: &Pair, n: i64) {
 fn corrupted_copy_rows_are_an_error_not_a_crash() {
     let pair = Pair::new();
     let proxy = Proxy::new(pair.src.port());
-    let garbage: [&[u8]; 4] = [
-        b"\xff\xfe\xfd not utf-8\n",
-        b"1\ttoo\tmany\tcolumns\there\tand\tmore\n",
-        b"\\",
-        b"\n\n\n",
-    ];
-    let n = std::sync::atomic::AtomicUsize::new(0);
+    // Each row replaced by seeded random garbage: random bytes (invalid
+    // UTF-8, stray tabs, backslashes, newlines), the row cut short, or the
+    // row with extra columns.
+    let state = std::sync::atomic::AtomicU64::new(0x5EED_C0DE);
     proxy.set(|t| {
-        t.copy_rows = Some(Arc::new(move |_row: &[u8]| {
-            let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Some(garbage[i % garbage.len()].to_vec())
+        t.copy_rows = Some(Arc::new(move |row: &[u8]| {
+            let mut x =
+                state.fetch_add(0x9E37_79B9_7F4A_7C15, std::sync::atomic::Ordering::Relaxed);
+            let mut next = || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            Some(match next() % 3 {
+                0 => {
+                    let n = (next() % 40) as usize;
+                    let alphabet = b"\t\n\\\xff\xfe\x00abc123.";
+                    let mut v: Vec<u8> = (0..n)
+                        .map(|_| {
+                            if next() % 2 == 0 {
+                                alphabet[(next() % alphabet.len() as u64) as usize]
+                            } else {
+                                next() as u8
+                            }
+                        })
+                        .collect();
+                    v.push(b'\n');
+                    v
+                }
+                1 => row[..(next() as usize % row.len().max(1))].to_vec(),
+                _ => {
+                    let mut v = row.strip_suffix(b"\n").unwrap_or(row).to_vec();
+                    v.extend_from_slice(b"\textra\tcolumns\n");
+                    v
+                }
+            })
         }))
     });
     add_through(&pair, &proxy);

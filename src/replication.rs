@@ -95,8 +95,9 @@ pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ReplError> {
             ReplError::Protocol(format!("message '{}' claims length {len}", buf[0] as char))
         })?;
     if buf.len() < 1 + len {
-        // Room for the rest, bounded by the limit checked above.
-        buf.reserve(1 + len - buf.len());
+        // Room for more of it, grown as the data arrives (a claimed length
+        // reserves at most 1 MB ahead of what was received).
+        buf.reserve((1 + len - buf.len()).min(1 << 20));
         return Ok(None);
     }
     let mut frame = buf.split_to(1 + len).freeze();
@@ -211,6 +212,8 @@ impl Session {
         frontend::startup_message(params, &mut conn.out).map_err(io)?;
         conn.flush_out().await?;
         let mut scram: Option<ScramSha256> = None;
+        // SCRAM started and the server's signature checked (SASL final).
+        let mut scram_verified = false;
         loop {
             let (tag, body) = conn.frame().await?;
             match tag {
@@ -224,11 +227,21 @@ impl Session {
                         })?;
                     let data = &body[4..];
                     match code {
-                        0 => {}
+                        0 => {
+                            if scram.is_some() && !scram_verified {
+                                return Err(ReplError::Protocol(
+                                    "the source did not prove it knows the password \
+                                     (authentication ended before its SCRAM signature)"
+                                        .into(),
+                                ));
+                            }
+                        }
                         3 => {
                             // The stream's guard refuses this already; kept
-                            // here so no other path can send it.
-                            if !conn.stream.is_tls() && !cfg.tls.allow_cleartext_password {
+                            // here so no other path can send it: only to a
+                            // source whose certificate is verified, unless
+                            // allowed.
+                            if !conn.stream.verified() && !cfg.tls.allow_cleartext_password {
                                 return Err(ReplError::CleartextRefused(
                                     crate::tls::CleartextRefused,
                                 ));
@@ -247,6 +260,7 @@ impl Session {
                             let offers =
                                 |name: &str| data.split(|b| *b == 0).any(|m| m == name.as_bytes());
                             let (mechanism, binding) = sasl_choice(
+                                conn.stream.is_tls(),
                                 conn.stream.end_point(),
                                 offers(SCRAM_SHA_256_PLUS),
                                 offers(SCRAM_SHA_256),
@@ -270,6 +284,7 @@ impl Session {
                             })?;
                             s.finish(data)
                                 .map_err(|e| ReplError::Protocol(e.to_string()))?;
+                            scram_verified = true;
                         }
                         other => {
                             return Err(ReplError::Protocol(format!(
@@ -354,7 +369,10 @@ impl Session {
 /// offer, SCRAM-SHA-256-PLUS bound to the server certificate
 /// (tls-server-end-point); with TLS but no offer, plain SCRAM saying the
 /// client could bind ('y', so a downgrade is detected); without TLS, 'n'.
+/// Over TLS never 'n' (a man in the middle could relay it): TLS without
+/// binding data is an error.
 fn sasl_choice(
+    tls: bool,
     end_point: Option<&[u8]>,
     offers_plus: bool,
     offers_plain: bool,
@@ -365,6 +383,9 @@ fn sasl_choice(
             ChannelBinding::tls_server_end_point(h.to_vec()),
         )),
         Some(_) if offers_plain => Ok((SCRAM_SHA_256, ChannelBinding::unrequested())),
+        None if tls => Err(ReplError::Protocol(
+            "no channel binding data for the TLS connection".into(),
+        )),
         None if offers_plain => Ok((SCRAM_SHA_256, ChannelBinding::unsupported())),
         _ => Err(ReplError::Protocol(
             "the source offers no supported SASL mechanism".into(),
@@ -710,12 +731,28 @@ mod tests {
     #[test]
     fn sasl_mechanism_choice() {
         let h = [7u8; 32];
-        let m = |e, plus, plain| sasl_choice(e, plus, plain).map(|(m, _)| m).ok();
+        let m = |e: Option<&[u8]>, plus, plain| {
+            sasl_choice(e.is_some(), e, plus, plain)
+                .map(|(m, _)| m)
+                .ok()
+        };
         assert_eq!(m(Some(&h[..]), true, true), Some(SCRAM_SHA_256_PLUS));
         assert_eq!(m(Some(&h[..]), false, true), Some(SCRAM_SHA_256));
         assert_eq!(m(None, true, true), Some(SCRAM_SHA_256));
         assert_eq!(m(None, true, false), None);
         assert_eq!(m(None, false, false), None);
+        // Over TLS, never "the client cannot bind" ('n').
+        assert!(sasl_choice(true, None, true, true).is_err());
+        assert!(sasl_choice(true, None, false, true).is_err());
+        // The gs2 header the client-first message carries.
+        let gs2 = |tls, e: Option<&[u8]>, plus| {
+            let (_, b) = sasl_choice(tls, e, plus, true).expect("mechanism");
+            let s = ScramSha256::new(b"pw", b);
+            String::from_utf8_lossy(&s.message()[..2]).into_owned()
+        };
+        assert_eq!(gs2(true, Some(&h[..]), true), "p=");
+        assert_eq!(gs2(true, Some(&h[..]), false), "y,");
+        assert_eq!(gs2(false, None, true), "n,");
         assert!(ReplError::Server {
             message: "no pg_hba.conf entry".into(),
             code: "28000".into()

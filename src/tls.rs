@@ -123,7 +123,7 @@ pub struct Options {
     /// PEM client key (libpq `sslkey`); empty: the key in `cert`'s file.
     pub key: String,
     /// Send a password the server asks for in cleartext (AuthenticationCleartextPassword)
-    /// over an unencrypted connection.
+    /// over an unencrypted connection, or a TLS one whose certificate is not verified.
     pub allow_cleartext_password: bool,
 }
 
@@ -136,8 +136,9 @@ impl std::fmt::Display for CleartextRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(
             "the source asks for the password in cleartext over an unencrypted connection \
-             (pg_hba.conf method password, ldap, radius, pam or bsd); not sent: use sslmode \
-             require or stronger, a scram-sha-256 rule on the source, or set \
+             or one whose certificate is not verified (pg_hba.conf method password, ldap, \
+             radius, pam or bsd); not sent: use sslmode verify-ca or verify-full (or an \
+             sslrootcert), a scram-sha-256 rule on the source, or set \
              allow_cleartext_password to true in the connector's data",
         )
     }
@@ -171,6 +172,8 @@ pub struct Connector {
     config: Option<Arc<ClientConfig>>,
     server_name: ServerName<'static>,
     allow_cleartext: bool,
+    /// The source's certificate is checked (a chain up to `sslrootcert`).
+    verified: bool,
     rootcert: String,
 }
 
@@ -264,6 +267,7 @@ impl Connector {
             config,
             server_name,
             allow_cleartext: opts.allow_cleartext_password,
+            verified: verification(opts.mode, !opts.rootcert.trim().is_empty()) != Verify::Nothing,
             rootcert: opts.rootcert.clone(),
         })
     }
@@ -299,7 +303,12 @@ impl Connector {
         let mut tcp = tcp_connect(host, port)
             .await
             .map_err(|e| format!("cannot reach the source: {e}"))?;
-        let plain = |tcp| Stream::Plain(Guarded::new(tcp, self.allow_cleartext));
+        let plain = |tcp| {
+            Stream::Plain(Guarded {
+                tcp,
+                watch: Watch::new(self.allow_cleartext),
+            })
+        };
         if attempt == Attempt::Plain {
             return Ok(plain(tcp));
         }
@@ -338,13 +347,24 @@ impl Connector {
                     self.explain(&e)
                 )
             })?;
+        // Always binding data over TLS: without it SCRAM would say the
+        // client cannot bind ('n'), which a man in the middle could relay.
         let end_point = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(|c| end_point(c.as_ref()));
-        Ok(Stream::Tls(Box::new(tls), end_point))
+            .and_then(|c| end_point(c.as_ref()))
+            .ok_or_else(|| "the source sent no certificate in the TLS handshake".to_string())?;
+        let verified = self.verified;
+        Ok(Stream::Tls(
+            Box::new(tls),
+            TlsInfo {
+                end_point,
+                verified,
+                watch: Watch::new(self.allow_cleartext || verified),
+            },
+        ))
     }
 }
 
@@ -485,25 +505,65 @@ async fn tcp_connect(host: &str, port: u16) -> io::Result<TcpStream> {
     }))
 }
 
-/// A plain TCP stream that refuses the server's request for a cleartext
-/// password unless allowed: its first message is inspected before the
-/// caller sees it whole (tokio-postgres answers that request on its own).
-pub struct Guarded {
-    tcp: TcpStream,
+/// Refuses the server's request for a cleartext password unless allowed:
+/// the first message a stream reads is inspected before the caller sees it
+/// whole (tokio-postgres answers that request on its own).
+pub struct Watch {
     head: [u8; 9],
     seen: usize,
     watching: bool,
 }
 
-impl Guarded {
-    fn new(tcp: TcpStream, allow_cleartext: bool) -> Guarded {
-        Guarded {
-            tcp,
+impl Watch {
+    /// `allowed`: a cleartext password may be sent (the user allows it, or
+    /// the source's certificate is verified).
+    fn new(allowed: bool) -> Watch {
+        Watch {
             head: [0; 9],
             seen: 0,
-            watching: !allow_cleartext,
+            watching: !allowed,
         }
     }
+
+    /// Looks at bytes just read; an error when they make the request.
+    fn check(&mut self, new: &[u8]) -> io::Result<()> {
+        if !self.watching {
+            return Ok(());
+        }
+        for b in new {
+            if self.seen < self.head.len() {
+                self.head[self.seen] = *b;
+                self.seen += 1;
+            }
+        }
+        match asks_cleartext(&self.head[..self.seen]) {
+            Some(true) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                CleartextRefused,
+            )),
+            Some(false) => {
+                self.watching = false;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+/// A plain TCP stream, watched for a cleartext password request.
+pub struct Guarded {
+    tcp: TcpStream,
+    watch: Watch,
+}
+
+/// What is known of an encrypted connection.
+pub struct TlsInfo {
+    /// The `tls-server-end-point` data of the source's certificate.
+    end_point: Vec<u8>,
+    /// The certificate was checked against `sslrootcert`.
+    verified: bool,
+    /// Unless verified (or allowed), no cleartext password.
+    watch: Watch,
 }
 
 /// Looks at the first bytes the server sent after the startup message:
@@ -521,12 +581,8 @@ pub fn asks_cleartext(head: &[u8]) -> Option<bool> {
 /// A connection to the source, encrypted or not.
 pub enum Stream {
     Plain(Guarded),
-    /// The TLS session and the `tls-server-end-point` data (`None` when the
-    /// certificate's signature hash is not one RFC 5929 maps).
-    Tls(
-        Box<tokio_rustls::client::TlsStream<TcpStream>>,
-        Option<Vec<u8>>,
-    ),
+    /// The TLS session and what is known of it.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, TlsInfo),
 }
 
 impl Stream {
@@ -534,11 +590,22 @@ impl Stream {
         matches!(self, Stream::Tls(..))
     }
 
-    /// The channel binding data for SCRAM-SHA-256-PLUS, when encrypted.
+    /// The channel binding data for SCRAM-SHA-256-PLUS: always `Some`
+    /// when encrypted.
     pub fn end_point(&self) -> Option<&[u8]> {
         match self {
-            Stream::Tls(_, e) => e.as_deref(),
+            Stream::Tls(_, i) => Some(&i.end_point),
             Stream::Plain(_) => None,
+        }
+    }
+
+    /// Encrypted, and the source's certificate checked against
+    /// `sslrootcert` (`verify-ca`, `verify-full`, or a weaker mode with a
+    /// root certificate): a cleartext password may go to it.
+    pub fn verified(&self) -> bool {
+        match self {
+            Stream::Tls(_, i) => i.verified,
+            Stream::Plain(_) => false,
         }
     }
 }
@@ -549,35 +616,24 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        let before = buf.filled().len();
+        let watch = match self.get_mut() {
+            Stream::Tls(s, i) => {
+                match Pin::new(s.as_mut()).poll_read(cx, buf) {
+                    Poll::Ready(Ok(())) => {}
+                    other => return other,
+                }
+                &mut i.watch
+            }
             Stream::Plain(g) => {
-                let before = buf.filled().len();
                 match Pin::new(&mut g.tcp).poll_read(cx, buf) {
                     Poll::Ready(Ok(())) => {}
                     other => return other,
                 }
-                if g.watching {
-                    for b in &buf.filled()[before..] {
-                        if g.seen < g.head.len() {
-                            g.head[g.seen] = *b;
-                            g.seen += 1;
-                        }
-                    }
-                    match asks_cleartext(&g.head[..g.seen]) {
-                        Some(true) => {
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::PermissionDenied,
-                                CleartextRefused,
-                            )))
-                        }
-                        Some(false) => g.watching = false,
-                        None => {}
-                    }
-                }
-                Poll::Ready(Ok(()))
+                &mut g.watch
             }
-        }
+        };
+        Poll::Ready(watch.check(&buf.filled()[before..]))
     }
 }
 
@@ -630,6 +686,8 @@ impl AsyncWrite for Stream {
 impl tokio_postgres::tls::TlsStream for Stream {
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
         match self.end_point() {
+            // Always over TLS: tokio-postgres then sends SCRAM-SHA-256-PLUS
+            // when offered, else plain SCRAM with 'y', never 'n'.
             Some(h) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(h.to_vec()),
             None => tokio_postgres::tls::ChannelBinding::none(),
         }
@@ -673,8 +731,8 @@ const OID_DSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x38, 0x04, 0x03];
 const OID_DSA_SHA256: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x03, 0x02];
 
 /// The hash for a signature algorithm OID (its DER content bytes); `None`
-/// for algorithms without one (Ed25519) or whose hash is in parameters
-/// (RSASSA-PSS): no channel binding then, as with PostgreSQL.
+/// for algorithms without one (Ed25519), whose hash is in parameters
+/// (RSASSA-PSS) or not known here: [`end_point`] uses SHA-256 for them.
 pub fn end_point_hash_for(oid: &[u8]) -> Option<EndPointHash> {
     if let Some(rest) = oid.strip_prefix(OID_PKCS1) {
         return match rest {
@@ -743,8 +801,18 @@ pub fn signature_algorithm(cert_der: &[u8]) -> Option<&[u8]> {
 }
 
 /// The `tls-server-end-point` channel binding data of a DER certificate.
+/// Never `None` for a certificate: a signature algorithm without a hash RFC
+/// 5929 maps (Ed25519, RSA-PSS, an unknown or unparsed OID) gets SHA-256,
+/// so that SCRAM over TLS never says the client cannot bind (a source that
+/// cannot compute the same hash fails the authentication: no downgrade).
 pub fn end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
-    let alg = match end_point_hash_for(signature_algorithm(cert_der)?)? {
+    if cert_der.is_empty() {
+        return None;
+    }
+    let hash = signature_algorithm(cert_der)
+        .and_then(end_point_hash_for)
+        .unwrap_or(EndPointHash::Sha256);
+    let alg = match hash {
         EndPointHash::Sha256 => &ring::digest::SHA256,
         EndPointHash::Sha384 => &ring::digest::SHA384,
         EndPointHash::Sha512 => &ring::digest::SHA512,
@@ -899,7 +967,63 @@ mod tests {
             let _ = end_point(&cert[..cut]);
         }
         assert_eq!(end_point(b""), None);
-        assert_eq!(end_point(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]), None);
+        // Unparsed, RSA-PSS, Ed25519, unknown: SHA-256 of the certificate,
+        // never no binding data.
+        let junk = [0x30, 0x84, 0xff, 0xff, 0xff, 0xff];
+        let sha256 = |c: &[u8]| {
+            ring::digest::digest(&ring::digest::SHA256, c)
+                .as_ref()
+                .to_vec()
+        };
+        assert_eq!(end_point(&junk), Some(sha256(&junk)));
+        for oid in [
+            [OID_PKCS1, &[10u8]].concat(),
+            vec![0x2b, 0x65, 0x70],
+            vec![0x2a, 0x03, 0x04],
+        ] {
+            let cert = fake_cert(&oid, 20);
+            assert_eq!(end_point(&cert), Some(sha256(&cert)));
+        }
+    }
+
+    /// A real Ed25519 certificate (`openssl req -x509 -newkey ed25519`) and
+    /// the SHA-256 of its DER.
+    const ED25519_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBLjCB4aADAgECAhQEZvfilnvgK5lKLO/kSuWxcxf6ATAFBgMrZXAwDTELMAkG
+A1UEAwwCZWQwHhcNMjYxMTI2MDU1MzMwWhcNMzYxMTIzMDU1MzMwWjANMQswCQYD
+VQQDDAJlZDAqMAUGAytlcAMhALHQMFAf4+w0h3L3754Ytxz0sPUOJQrXhqXbWstN
+Vt2Eo1MwUTAdBgNVHQ4EFgQUqranw6BBideE7SjN2PEWNPA6B44wHwYDVR0jBBgw
+FoAUqranw6BBideE7SjN2PEWNPA6B44wDwYDVR0TAQH/BAUwAwEB/zAFBgMrZXAD
+QQA65spdw29Uop69nA1ajJOp4QZQ/V3fh7BWA9BD0n9BsLo9/T+hWNM4b3YHEqRv
+hiubxIVAMFTOUQR3GEM9LK0B
+-----END CERTIFICATE-----
+";
+    const ED25519_END_POINT: &str =
+        "f55ebb9df8afe25ea8ff3b8c9b26c810fbc1d30117abb84682cfcf902c1d14bd";
+
+    #[test]
+    fn end_point_of_an_ed25519_certificate() {
+        let der = CertificateDer::from_pem_slice(ED25519_CERT.as_bytes()).expect("pem");
+        assert_eq!(
+            signature_algorithm(der.as_ref()),
+            Some(&[0x2b, 0x65, 0x70][..])
+        );
+        let hex: Option<String> =
+            end_point(der.as_ref()).map(|h| h.iter().map(|b| format!("{b:02x}")).collect());
+        assert_eq!(hex.as_deref(), Some(ED25519_END_POINT));
+    }
+
+    #[test]
+    fn cleartext_watch() {
+        let r3 = [b'R', 0, 0, 0, 8, 0, 0, 0, 3];
+        let mut w = Watch::new(false);
+        assert!(w.check(&r3[..4]).is_ok());
+        let e = w.check(&r3[4..]).expect_err("refused");
+        assert!(is_cleartext_refusal(&e));
+        assert!(Watch::new(true).check(&r3).is_ok());
+        let mut w = Watch::new(false);
+        assert!(w.check(&[b'R', 0, 0, 0, 8, 0, 0, 0, 10]).is_ok());
+        assert!(w.check(&r3).is_ok(), "only the first message is watched");
     }
 
     /// A real certificate (EC P-256, signed ecdsa-with-SHA384) and its

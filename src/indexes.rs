@@ -466,6 +466,12 @@ fn build_index(ix: &SourceIndex, dst_schema: &str, dst_table: &str) {
     ) {
         pgrx::error!("{e}");
     }
+    // Under the search_path the build uses, so functions resolve the same.
+    if !only_trusted_functions_in(&sql, dst_schema, dst_table) {
+        pgrx::error!(
+            "an expression or predicate of the source's definition calls a function that is not an immutable built-in; the index is left out"
+        );
+    }
     run(&sql);
     if let Some(c) = &ix.constraint {
         run(&add_constraint_sql(ix, c, dst_schema, dst_table));
@@ -475,6 +481,65 @@ fn build_index(ix: &SourceIndex, dst_schema: &str, dst_table: &str) {
         &[previous.as_str().into()],
     ) {
         pgrx::error!("{e}");
+    }
+}
+
+/// Called through `pg_sys::ffi::pg_guard_ffi_boundary` (it raises ERRORs).
+mod raw {
+    use pgrx::pg_sys;
+    unsafe extern "C-unwind" {
+        pub fn transformIndexStmt(
+            relid: pg_sys::Oid,
+            stmt: *mut pg_sys::IndexStmt,
+            query_string: *const std::ffi::c_char,
+        ) -> *mut pg_sys::IndexStmt;
+    }
+}
+
+/// Whether every function the expressions and predicate of CREATE INDEX
+/// `sql` (checked by `check_index_statement`) on `dst_schema.dst_table`
+/// call is an immutable built-in (`untrusted::only_trusted_functions`):
+/// building the index evaluates them, as the worker, for every row. The
+/// statement is analyzed here (its names resolved), not run.
+fn only_trusted_functions_in(sql: &str, dst_schema: &str, dst_table: &str) -> bool {
+    let Some(relid) = crate::schema::relid(dst_schema, dst_table) else {
+        pgrx::error!(
+            "destination table {} is gone",
+            qualified(dst_schema, dst_table)
+        );
+    };
+    let Ok(c) = CString::new(sql) else {
+        pgrx::error!("the index definition contains a NUL byte");
+    };
+    unsafe {
+        let list = pgrx::PgList::<pg_sys::RawStmt>::from_pg(pg_sys::raw_parser(
+            c.as_ptr(),
+            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
+        ));
+        let Some(raw) = list.head().filter(|r| list.len() == 1 && !r.is_null()) else {
+            return false;
+        };
+        let node = (*raw).stmt;
+        if !pgrx::is_a(node, pg_sys::NodeTag::T_IndexStmt) {
+            return false;
+        }
+        // What CREATE INDEX takes anyway; the analysis expects it held.
+        pg_sys::LockRelationOid(relid, pg_sys::ShareLock as pg_sys::LOCKMODE);
+        let stmt = node as *mut pg_sys::IndexStmt;
+        let text = c.as_ptr();
+        let st = pg_sys::ffi::pg_guard_ffi_boundary(|| raw::transformIndexStmt(relid, stmt, text));
+        if st.is_null() {
+            return false;
+        }
+        let elems = pgrx::PgList::<pg_sys::IndexElem>::from_pg((*st).indexParams);
+        let exprs_ok = elems
+            .iter_ptr()
+            .all(|e| e.is_null() || crate::untrusted::only_trusted_functions((*e).expr));
+        let including = pgrx::PgList::<pg_sys::IndexElem>::from_pg((*st).indexIncludingParams);
+        let including_ok = including
+            .iter_ptr()
+            .all(|e| e.is_null() || crate::untrusted::only_trusted_functions((*e).expr));
+        exprs_ok && including_ok && crate::untrusted::only_trusted_functions((*st).whereClause)
     }
 }
 

@@ -292,7 +292,18 @@ pub fn create_table(
         .collect();
     let pk: &[String] = if defer_pk { &[] } else { &shape.primary_key };
     run(&sqlgen::create_table(dst_schema, dst_table, &cols, pk));
+    crate::untrusted::check_generated_columns(dst_schema, dst_table, &generated_columns(shape));
     true
+}
+
+/// The names of the generated columns of a source table.
+fn generated_columns(shape: &SourceTable) -> Vec<String> {
+    shape
+        .columns
+        .iter()
+        .filter(|c| c.generated.is_some())
+        .map(|c| c.name.clone())
+        .collect()
 }
 
 /// Creates a destination table from a Relation message alone (for a source
@@ -663,6 +674,7 @@ pub fn reshape_for_copy(
             ));
         }
     }
+    crate::untrusted::check_generated_columns(dst_schema, dst_table, &generated_columns(shape));
     !shape.primary_key.is_empty() && pk != shape.primary_key
 }
 

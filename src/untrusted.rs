@@ -14,9 +14,14 @@
 //!   tokens, a complete expression with balanced parentheses, so nothing it
 //!   holds reaches outside the parentheses (the newline ends a trailing
 //!   `--` comment);
-//! - a default that calls a volatile function is not evaluated here, and a
-//!   domain CHECK that calls one is refused (see `default_expression` and
-//!   `check_domain_constraints`);
+//! - an expression the worker would evaluate (a default, a generated
+//!   column, a domain CHECK, an index expression or predicate) may call only
+//!   immutable functions of `pg_catalog` (`only_trusted_functions`): a
+//!   stable built-in such as `table_to_xml` or `current_setting` reads what
+//!   the superuser may read, and a function of another schema runs any code
+//!   as the superuser; a default that calls anything else is left out, the
+//!   rest is refused (see `default_expression`, `check_domain_constraints`,
+//!   `check_generated_columns` and `indexes`);
 //! - a statement runs only when it parses as exactly one statement.
 //!
 //! Identifiers (type, column, label and constraint names) are never parsed:
@@ -26,7 +31,7 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgList;
-use std::ffi::CString;
+use std::ffi::{c_void, CString};
 
 /// How many characters of a refused text an error message quotes.
 const SHOWN_CHARS: usize = 120;
@@ -152,29 +157,60 @@ pub fn expression(expr: &str, what: &str) -> String {
     }
 }
 
+#[pg_guard]
+unsafe extern "C-unwind" fn untrusted_function(func: pg_sys::Oid, _cx: *mut c_void) -> bool {
+    pg_sys::func_volatile(func) as u8 != pg_sys::PROVOLATILE_IMMUTABLE
+        || pg_sys::get_func_namespace(func) != pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn untrusted_walker(node: *mut pg_sys::Node, cx: *mut c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    if pg_sys::check_functions_in_node(node, Some(untrusted_function), cx) {
+        return true;
+    }
+    pg_sys::expression_tree_walker(node, Some(untrusted_walker), cx)
+}
+
+/// Whether every function an analyzed expression tree calls (directly, as
+/// an operator, a cast or a type's I/O function) is an immutable function
+/// of `pg_catalog`. Anything else, evaluated by the worker as a superuser,
+/// could read or do what the source chose: a stable built-in
+/// (`table_to_xml`, `current_setting`) reads any table or setting, and a
+/// function of another schema, whatever volatility it declares, runs any
+/// code.
+///
+/// # Safety
+/// `node` is null or an analyzed expression tree; called in a transaction.
+pub unsafe fn only_trusted_functions(node: *mut pg_sys::Node) -> bool {
+    !untrusted_walker(node, std::ptr::null_mut())
+}
+
 /// A source column default, checked by `expression`, as `ADD COLUMN ...
-/// DEFAULT` may use it: `None` (with a WARNING) when it calls a volatile
-/// function, or names what the destination lacks. A volatile default would
-/// be evaluated here, as the worker, for every existing row, and its values
-/// could not match the source's anyway (`nextval`, `random()`,
-/// `clock_timestamp()`); the column is added without it and existing rows
-/// hold NULL.
+/// DEFAULT` may use it: `None` (with a WARNING) when it calls a function
+/// that is not an immutable built-in (`only_trusted_functions`), or names
+/// what the destination lacks. Such a default would be evaluated here, as
+/// the worker, for every existing row (and a volatile one could not match
+/// the source's values anyway: `nextval`, `random()`, `now()`); the column
+/// is added without it and existing rows hold NULL.
 pub fn default_expression(expr: &str, what: &str) -> Option<String> {
     let pasted = expression(expr, what);
-    let volatile = crate::pgtxn::in_subtransaction(|| unsafe {
+    let untrusted = crate::pgtxn::in_subtransaction(|| unsafe {
         let raw = lone_expression(expr)?;
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
         let cooked =
             pg_sys::transformExpr(pstate, raw, pg_sys::ParseExprKind::EXPR_KIND_COLUMN_DEFAULT);
-        let volatile = pg_sys::contain_volatile_functions(cooked);
+        let untrusted = !only_trusted_functions(cooked);
         pg_sys::free_parsestate(pstate);
-        Ok::<bool, String>(volatile)
+        Ok::<bool, String>(untrusted)
     });
-    match volatile {
+    match untrusted {
         Ok(Ok(false)) => Some(pasted),
         Ok(Ok(true)) => {
             pgrx::warning!(
-                "synchdb: source {what} calls a volatile function; the column is added without it (existing rows hold NULL): {}",
+                "synchdb: source {what} calls a function that is not an immutable built-in; the column is added without it (existing rows hold NULL): {}",
                 shown(expr)
             );
             None
@@ -190,9 +226,9 @@ pub fn default_expression(expr: &str, what: &str) -> Option<String> {
 }
 
 /// Raises an ERROR when a CHECK constraint of destination domain
-/// `schema.name` calls a volatile function: a domain's CHECK runs on every
-/// value applied, as the worker, so only what PostgreSQL documents a CHECK
-/// to be (immutable, or at most stable) is accepted from the source. Called
+/// `schema.name` calls a function that is not an immutable built-in
+/// (`only_trusted_functions`): a domain's CHECK runs on every value applied,
+/// as the worker, and its ERROR messages are readable by anyone. Called
 /// right after the domain is created, in the same transaction, which the
 /// ERROR rolls back with it (creating a domain evaluates nothing).
 pub fn check_domain_constraints(schema: &str, name: &str) {
@@ -224,14 +260,68 @@ pub fn check_domain_constraints(schema: &str, name: &str) {
                 crate::sqlgen::quote_ident(name)
             );
         };
-        let volatile = unsafe {
+        let trusted = unsafe {
             let node = pg_sys::stringToNode(c.as_ptr()) as *mut pg_sys::Node;
-            pg_sys::contain_volatile_functions(node)
+            only_trusted_functions(node)
         };
-        if volatile {
+        if !trusted {
             refuse(format!(
-                "source CHECK constraint of domain {} calls a volatile function; refused (a domain CHECK runs on every value applied)",
+                "source CHECK constraint of domain {} calls a function that is not an immutable built-in; refused (a domain CHECK runs on every value applied)",
                 crate::sqlgen::quote_ident(name)
+            ));
+        }
+    }
+}
+
+/// Raises an ERROR when the expression of a generated column of destination
+/// table `schema.table` named in `columns` calls a function that is not an
+/// immutable built-in (`only_trusted_functions`): it is evaluated, as the
+/// worker, for every row written. Called right after the DDL that created
+/// the columns, in the same transaction (which the ERROR rolls back) and
+/// before any row is written.
+pub fn check_generated_columns(schema: &str, table: &str, columns: &[String]) {
+    if columns.is_empty() {
+        return;
+    }
+    let exprs: Result<Vec<(String, String)>, pgrx::spi::Error> = Spi::connect(|c| {
+        let rows = c.select(
+            "SELECT a.attname::text, d.adbin::text FROM pg_catalog.pg_attrdef d
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+               JOIN pg_catalog.pg_class r ON r.oid = d.adrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+              WHERE n.nspname = $1 AND r.relname = $2 AND a.attgenerated <> ''
+                AND a.attname = ANY ($3)",
+            None,
+            &[schema.into(), table.into(), columns.to_vec().into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            if let (Some(n), Some(e)) = (r.get::<String>(1)?, r.get::<String>(2)?) {
+                out.push((n, e));
+            }
+        }
+        Ok(out)
+    });
+    let exprs = match exprs {
+        Ok(e) => e,
+        Err(e) => pgrx::error!("{e}"),
+    };
+    for (col, e) in exprs {
+        let Ok(c) = CString::new(e) else {
+            pgrx::error!(
+                "the generation expression of column {} is unreadable",
+                crate::sqlgen::quote_ident(&col)
+            );
+        };
+        let trusted = unsafe {
+            let node = pg_sys::stringToNode(c.as_ptr()) as *mut pg_sys::Node;
+            only_trusted_functions(node)
+        };
+        if !trusted {
+            refuse(format!(
+                "source generation expression of column {} of {} calls a function that is not an immutable built-in; refused (it is evaluated for every row written)",
+                crate::sqlgen::quote_ident(&col),
+                crate::sqlgen::qualified(schema, table)
             ));
         }
     }

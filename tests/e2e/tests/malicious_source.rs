@@ -196,11 +196,94 @@ fn a_domain_check_that_calls_a_volatile_function_is_refused() {
     pair.start("vd", "initial");
     let err = wait_err(&pair, "vd", "refused");
     assert!(
-        err.contains("source CHECK constraint of domain \"sneaky\" calls a volatile function"),
+        err.contains(
+            "source CHECK constraint of domain \"sneaky\" calls a function that is not an immutable built-in"
+        ),
         "{err}"
     );
     assert!(!dst_has_table(&pair, "evil"));
     assert_nothing_ran(&pair);
+}
+
+#[test]
+fn a_domain_check_that_reads_the_connectors_passwords_is_refused() {
+    // One expression, only stable built-ins: evaluated as the worker (a
+    // superuser), its cast's error would show every connector's password.
+    let pair = pair_with_canary();
+    pair.src.execute(
+        "CREATE DOMAIN public.pos AS int CHECK (VALUE > 0);
+         CREATE TABLE public.evil (id int PRIMARY KEY, p public.pos);
+         INSERT INTO public.evil VALUES (1, 1)",
+    );
+    lie(
+        &pair.src,
+        "pg_get_constraintdef",
+        "oid",
+        "pg_get_constraintdef",
+        "CHECK ((VALUE > 0))",
+        "CHECK (((pg_catalog.table_to_xml('public.synchdb_conninfo'::regclass, true, false, '')::text)::integer > VALUE))",
+    );
+    pair.add_connector_with("px", "public.evil", "null");
+    pair.start("px", "initial");
+    let err = wait_err(&pair, "px", "refused");
+    assert!(
+        err.contains(
+            "source CHECK constraint of domain \"pos\" calls a function that is not an immutable built-in"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("mypass"), "{err}");
+    assert!(!pair
+        .dst
+        .log_contents()
+        .contains("invalid input syntax for type integer"));
+    assert!(!dst_has_table(&pair, "evil"));
+    assert_nothing_ran(&pair);
+}
+
+#[test]
+fn an_index_expression_calling_a_destination_function_is_left_out() {
+    // A function outside pg_catalog, whatever volatility it declares, runs
+    // any code as the worker: the index that calls it is never built.
+    let pair = pair_with_canary();
+    pair.src.execute(
+        "CREATE FUNCTION public.evil_f(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1';
+         CREATE TABLE public.evil (id int PRIMARY KEY, a int);
+         CREATE INDEX evil_f_idx ON public.evil (public.evil_f(a));
+         INSERT INTO public.evil VALUES (1, 1), (2, 2)",
+    );
+    // Where the name the source writes (unqualified: public is on its
+    // search_path) resolves in the destination schema.
+    pair.dst.execute(
+        "CREATE SCHEMA postgres;
+         CREATE FUNCTION postgres.evil_f(int) RETURNS int LANGUAGE plpgsql IMMUTABLE
+           AS 'BEGIN RETURN 1 / 0; END'",
+    );
+    pair.add_connector_with("ix", "public.evil", "null");
+    pair.start("ix", "initial");
+    wait_rows(&pair, "evil", 2);
+    let left_out = "calls a function that is not an immutable built-in; the index is left out";
+    let deadline = std::time::Instant::now() + LONG;
+    while !pair.dst.log_contents().contains(left_out) {
+        let log = pair.dst.log_contents();
+        let about: Vec<&str> = log.lines().filter(|l| l.contains("evil_f")).collect();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no WARNING that the index was left out: {about:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let log = pair.dst.log_contents();
+    assert!(!log.contains("division by zero"), "the function ran");
+    assert_eq!(
+        pair.dst.count(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = 'postgres' AND indexname = 'evil_f_idx'"
+        ),
+        0
+    );
+    assert_nothing_ran(&pair);
+    let st = pair.state("ix").expect("state row");
+    assert_eq!(st.err, "no error", "{st:?}");
 }
 
 #[test]
@@ -294,10 +377,9 @@ fn a_volatile_default_is_not_evaluated_here() {
             .query_strings("SELECT d FROM postgres.vol ORDER BY id"),
         vec![vec![None], vec![None], vec![Some("yes".to_string())]]
     );
-    assert!(pair
-        .dst
-        .log_contents()
-        .contains("calls a volatile function; the column is added without it"));
+    assert!(pair.dst.log_contents().contains(
+        "calls a function that is not an immutable built-in; the column is added without it"
+    ));
     assert_nothing_ran(&pair);
     let st = pair.state("vf").expect("state row");
     assert_eq!(st.err, "no error", "{st:?}");

@@ -7,7 +7,8 @@
 //! on the source (pg_stat_ssl, the connection log); client certificates
 //! (`cert` authentication, key in its own file or with the certificate, an
 //! encrypted key, a missing file); and a source asking for a cleartext
-//! password, refused over an unencrypted connection unless allowed.
+//! password, refused over an unencrypted connection or one whose
+//! certificate is not verified, unless allowed.
 //! Certificates are made with the `openssl` CLI in the cluster's directory.
 
 use std::path::{Path, PathBuf};
@@ -541,20 +542,34 @@ fn cleartext_password_only_over_tls_unless_allowed() {
         "host all all 127.0.0.1/32 password\nhost replication all 127.0.0.1/32 password",
     );
     let pair = Pair::with_clusters(src, fast_retry_destination());
+    let ca = pki.path("ca.crt");
     add(&pair, "clear", "db_clear", Some("disable"), "", "");
-    add(&pair, "cleartls", "db_cleartls", Some("require"), "", "");
-    // allow: the plain attempt is refused, TLS is tried next.
-    add(&pair, "clearallow", "db_clearallow", Some("allow"), "", "");
-    for name in ["clear", "cleartls", "clearallow"] {
+    // TLS whose certificate is not checked: a man in the middle with a
+    // certificate of its own would get the password; refused.
+    add(
+        &pair,
+        "cleartlsnoca",
+        "db_cleartlsnoca",
+        Some("require"),
+        "",
+        "",
+    );
+    // require with a root certificate checks the chain: sent.
+    add(&pair, "cleartls", "db_cleartls", Some("require"), "", &ca);
+    // allow: the plain attempt is refused, TLS (verified) is tried next.
+    add(&pair, "clearallow", "db_clearallow", Some("allow"), "", &ca);
+    for name in ["clear", "cleartlsnoca", "cleartls", "clearallow"] {
         pair.start(name, "initial");
     }
-    let st = wait_err(&pair, "clear", "cleartext");
-    assert!(!st.err.contains("mypass"), "{}", st.err);
-    assert_eq!(
-        pair.dst.count("SELECT count(*) FROM db_clear.t"),
-        -1,
-        "nothing copied"
-    );
+    for (name, db) in [("clear", "db_clear"), ("cleartlsnoca", "db_cleartlsnoca")] {
+        let st = wait_err(&pair, name, "cleartext");
+        assert!(!st.err.contains("mypass"), "{}", st.err);
+        assert_eq!(
+            pair.dst.count(&format!("SELECT count(*) FROM {db}.t")),
+            -1,
+            "{name}: nothing copied"
+        );
+    }
     replicates(&pair, "cleartls", "db_cleartls");
     replicates(&pair, "clearallow", "db_clearallow");
 

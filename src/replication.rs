@@ -762,6 +762,56 @@ mod tests {
         assert!(!ReplError::Io("refused".into()).rejects_plain());
     }
 
+    /// A fake source that starts SCRAM, then says AuthenticationOk without
+    /// its SASL final (no server signature): refused.
+    #[test]
+    fn authentication_ok_without_the_scram_signature_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await; // startup
+                let mut sasl = vec![b'R'];
+                let body = [&10i32.to_be_bytes()[..], b"SCRAM-SHA-256\0\0"].concat();
+                sasl.extend_from_slice(&i32::try_from(body.len() + 4).unwrap_or(0).to_be_bytes());
+                sasl.extend_from_slice(&body);
+                s.write_all(&sasl).await.expect("sasl");
+                let _ = s.read(&mut buf).await; // client-first
+                s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0])
+                    .await
+                    .expect("ok");
+                s.write_all(&[b'Z', 0, 0, 0, 5, b'I']).await.expect("ready");
+                let _ = s.read(&mut buf).await;
+            });
+            let cfg = Config {
+                host: "127.0.0.1".into(),
+                port,
+                user: "u".into(),
+                password: "secret-pw".into(),
+                dbname: "d".into(),
+                application_name: "t".into(),
+                options: String::new(),
+                tls: crate::tls::Options {
+                    mode: crate::tls::SslMode::Disable,
+                    ..Default::default()
+                },
+            };
+            let e = Session::connect(&cfg).await.err().expect("refused");
+            let msg = e.to_string();
+            assert!(msg.contains("did not prove it knows the password"), "{msg}");
+            assert!(!msg.contains("secret-pw"));
+            server.abort();
+        });
+    }
+
     #[test]
     fn quoting() {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");

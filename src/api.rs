@@ -140,6 +140,7 @@ fn synchdb_add_conninfo(
         sslcert: String::new(),
         sslkey: String::new(),
         allow_cleartext_password: false,
+        apply_as_table_owner: false,
     };
     if let Err(e) = info.validate() {
         config_error(e);

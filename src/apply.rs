@@ -725,6 +725,7 @@ impl<'c> Applier<'c> {
         };
         let run_as = relid.and_then(usercontext::run_as);
         if let (Some(relid), Some(owner)) = (relid, run_as) {
+            usercontext::refuse_untrusted_owner(relid, owner);
             usercontext::refuse_row_security(relid, owner);
         }
         let direct = entry_target
@@ -1757,6 +1758,7 @@ pub fn copy_into(schema: &str, table: &str, columns: &[String], feed: Feed<'_>) 
         // run with the owner's rights.
         let run_as = usercontext::run_as(relid);
         if let Some(owner) = run_as {
+            usercontext::refuse_untrusted_owner(relid, owner);
             usercontext::refuse_row_security(relid, owner);
         }
         let n = usercontext::as_role(run_as, || {

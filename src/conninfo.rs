@@ -43,6 +43,10 @@ pub struct ConnInfo {
     pub sslkey: String,
     #[serde(default)]
     pub allow_cleartext_password: bool,
+    /// Write into destination tables owned by roles that are not
+    /// superusers (as those roles); refused unless set.
+    #[serde(default)]
+    pub apply_as_table_owner: bool,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -93,24 +97,23 @@ impl ConnInfo {
                 .map_err(|_| ConfigError::BadStored("key \"port\" is not an integer".into()))?,
             _ => return Err(ConfigError::BadStored("key \"port\" is missing".into())),
         };
-        let allow_cleartext_password = match obj.get("allow_cleartext_password") {
-            None | Some(serde_json::Value::Null) => false,
-            Some(serde_json::Value::Bool(b)) => *b,
-            Some(serde_json::Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
-                "true" | "on" | "yes" | "1" => true,
-                "false" | "off" | "no" | "0" | "" => false,
-                _ => {
-                    return Err(ConfigError::BadStored(
-                        "key \"allow_cleartext_password\" is not a boolean".into(),
-                    ))
+        let flag = |key: &'static str| -> Result<bool, ConfigError> {
+            let bad = || ConfigError::BadStored(format!("key \"{key}\" is not a boolean"));
+            match obj.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(false),
+                Some(serde_json::Value::Bool(b)) => Ok(*b),
+                Some(serde_json::Value::String(s)) => {
+                    match s.trim().to_ascii_lowercase().as_str() {
+                        "true" | "on" | "yes" | "1" => Ok(true),
+                        "false" | "off" | "no" | "0" | "" => Ok(false),
+                        _ => Err(bad()),
+                    }
                 }
-            },
-            Some(_) => {
-                return Err(ConfigError::BadStored(
-                    "key \"allow_cleartext_password\" is not a boolean".into(),
-                ))
+                Some(_) => Err(bad()),
             }
         };
+        let allow_cleartext_password = flag("allow_cleartext_password")?;
+        let apply_as_table_owner = flag("apply_as_table_owner")?;
         let info = ConnInfo {
             hostname: text("hostname")?,
             port,
@@ -128,6 +131,7 @@ impl ConnInfo {
             sslcert: text("sslcert")?,
             sslkey: text("sslkey")?,
             allow_cleartext_password,
+            apply_as_table_owner,
         };
         Ok(info)
     }
@@ -574,6 +578,7 @@ mod tests {
             sslcert: String::new(),
             sslkey: String::new(),
             allow_cleartext_password: false,
+            apply_as_table_owner: false,
         }
     }
 

@@ -323,6 +323,7 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     let object = pgtxn::run(|| crate::worker::object_name(&ctx.name)).map_err(Stop::Fatal)?;
     let dst_schema = info.srcdb.clone();
     pgtxn::run(|| schema::require_trusted_schema(&dst_schema)).map_err(Stop::Fatal)?;
+    crate::usercontext::allow_other_owners(info.apply_as_table_owner);
     let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
     let src_schema = match &explicit {
         Some(_) => String::new(),

@@ -53,6 +53,43 @@ pub fn run_as(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
     (owner != unsafe { raw::GetUserId() }).then_some(owner)
 }
 
+thread_local! {
+    /// Whether this connector may write into tables owned by roles that
+    /// are not superusers (`data.apply_as_table_owner`); a worker serves
+    /// one connector.
+    static OTHER_OWNERS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Sets whether tables of roles that are not superusers may be written.
+pub fn allow_other_owners(allowed: bool) {
+    OTHER_OWNERS.with(|c| c.set(allowed));
+}
+
+/// Raises an ERROR when destination table `relid` belongs to `owner`, a
+/// role that is not a superuser, and the connector was not told to write
+/// into such tables: that role could have planted code there (triggers,
+/// defaults, constraints) that every change would run. Told to, the
+/// writes run as that role (see `as_role`).
+pub fn refuse_untrusted_owner(relid: pg_sys::Oid, owner: pg_sys::Oid) {
+    if OTHER_OWNERS.with(|c| c.get()) || unsafe { pg_sys::superuser_arg(owner) } {
+        return;
+    }
+    let text = |p: *mut std::ffi::c_char, oid: pg_sys::Oid| {
+        if p.is_null() {
+            format!("{oid:?}")
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    let table = text(unsafe { pg_sys::get_rel_name(relid) }, relid);
+    let role = text(unsafe { pg_sys::GetUserNameFromId(owner, true) }, owner);
+    pgrx::error!(
+        "destination table \"{table}\" belongs to role \"{role}\", which is not a superuser: its triggers, defaults and constraints would run on every change; to write into it as \"{role}\", set apply_as_table_owner in the connector's data: UPDATE synchdb_conninfo SET data = jsonb_set(data, '{{apply_as_table_owner}}', 'true') WHERE name = '<connector>'"
+    );
+}
+
 /// Raises an ERROR when row-level security applies to `role` on table
 /// `relid` (FORCE ROW LEVEL SECURITY on a table it owns): the direct
 /// executor path and COPY would bypass the policies that SQL statements

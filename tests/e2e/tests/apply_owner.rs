@@ -45,6 +45,15 @@ fn wait_stopped_on_error(pair: &Pair) -> String {
     })
 }
 
+/// Tells the connector it may write into tables of roles that are not
+/// superusers (as those roles).
+fn allow_other_owners(pair: &Pair) {
+    pair.dst.execute(&format!(
+        "UPDATE synchdb_conninfo SET data = jsonb_set(data, '{{apply_as_table_owner}}', 'true')
+          WHERE name = '{NAME}'"
+    ));
+}
+
 fn set_strategy(pair: &Pair, strategy: &str) {
     pair.dst.execute(&format!(
         "ALTER SYSTEM SET synchdb.error_handling_strategy = '{strategy}'"
@@ -135,6 +144,7 @@ fn changes_apply_as_the_table_owner() {
         audit_triggers("postgres.t2")
     ));
     pair.add_connector_with(NAME, "public.t,public.t2", "null");
+    allow_other_owners(&pair);
     pair.start(NAME, "never");
     wait_streaming(&pair);
     for t in ["t", "t2"] {
@@ -264,6 +274,7 @@ fn an_owners_code_cannot_escalate() {
     pair.dst.execute(APP);
     pair.dst.execute(ESCALATE);
     pair.add_connector_with(NAME, "public.t,public.t2,public.t3", "null");
+    allow_other_owners(&pair);
     pair.start(NAME, "never");
     wait_streaming(&pair);
 
@@ -349,6 +360,7 @@ fn an_owners_code_cannot_escalate() {
 fn copies_run_as_the_owner_and_the_connectors_tables_as_the_worker() {
     let pair = Pair::new();
     pair.add_connector(NAME);
+    allow_other_owners(&pair);
     pair.start(NAME, "initial");
     pair.wait_tables_equal("public.customers", "postgres.customers", "id");
     pair.wait_tables_equal("public.orders", "postgres.orders", "id");
@@ -458,4 +470,34 @@ fn an_untrusted_destination_schema_is_refused() {
     pair.dst.execute("DROP TYPE postgres.planted");
     pair.start(NAME, "initial");
     pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+}
+
+#[test]
+fn tables_of_other_roles_are_refused_unless_told() {
+    let pair = Pair::new();
+    pair.add_connector(NAME);
+    pair.start(NAME, "initial");
+    pair.wait_tables_equal("public.customers", "postgres.customers", "id");
+    pair.wait_caught_up(NAME);
+    pair.dst.execute(
+        "CREATE ROLE app LOGIN;
+         GRANT USAGE ON SCHEMA postgres TO app;
+         ALTER TABLE postgres.customers OWNER TO app;",
+    );
+    pair.src
+        .execute("INSERT INTO public.customers (name) VALUES ('for app')");
+    let err = wait_stopped_on_error(&pair);
+    assert!(
+        err.contains("belongs to role \"app\"") && err.contains("apply_as_table_owner"),
+        "{err}"
+    );
+    // Nothing was written into app's table.
+    assert_eq!(
+        pair.dst
+            .count("SELECT count(*) FROM postgres.customers WHERE name = 'for app'"),
+        0
+    );
+    allow_other_owners(&pair);
+    pair.start(NAME, "initial");
+    pair.wait_tables_equal("public.customers", "postgres.customers", "id");
 }

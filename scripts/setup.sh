@@ -10,7 +10,7 @@ PGRX_VERSION=0.18.0
 PROFILE=${SYNCHDB_PROFILE:-release}
 
 need_pkgs=()
-for p in postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo; do
+for p in postgresql-15 postgresql-server-dev-15 libclang-dev clang pkg-config sudo openssl; do
     dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

@@ -717,40 +717,28 @@ pub async fn ensure_publication(
             .map_err(SourceError::from_pg)?;
         return Ok(Vec::new());
     }
-    let published: Vec<TableRef> = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables
-              WHERE pubname = $1",
-            &[&spec.name],
-        )
-        .await
-        .map_err(SourceError::from_pg)?
-        .iter()
-        .map(|r| TableRef {
-            schema: r.get(0),
-            table: r.get(1),
-        })
-        .collect();
+    let published = table_refs(
+        client,
+        "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables
+          WHERE pubname = $1",
+        spec.name,
+    )
+    .await?;
     if version >= 150000 {
         // A row filter or a column list would drop rows or columns silently.
-        let filtered: Vec<TableRef> = client
-            .query(
-                "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_publication_rel pr
-                   JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
-                   JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid
-                   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                  WHERE p.pubname = $1 AND (pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL)",
-                &[&spec.name],
-            )
-            .await
-            .map_err(SourceError::from_pg)?
-            .iter()
-            .map(|r| TableRef {
-                schema: r.get(0),
-                table: r.get(1),
-            })
-            .filter(|t| members.contains(t))
-            .collect();
+        let filtered: Vec<TableRef> = table_refs(
+            client,
+            "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_publication_rel pr
+               JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+               JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE p.pubname = $1 AND (pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL)",
+            spec.name,
+        )
+        .await?
+        .into_iter()
+        .filter(|t| members.contains(t))
+        .collect();
         if !filtered.is_empty() {
             return Err(SourceError::NeedsAdmin {
                 what: format!(
@@ -835,6 +823,20 @@ pub async fn ensure_publication(
         return Ok(owed);
     }
     Ok(Vec::new())
+}
+
+/// The (schema, name) rows of a query taking one text parameter.
+async fn table_refs(client: &Client, sql: &str, param: &str) -> Result<Vec<TableRef>, SourceError> {
+    Ok(client
+        .query(sql, &[&param])
+        .await
+        .map_err(SourceError::from_pg)?
+        .iter()
+        .map(|r| TableRef {
+            schema: r.get(0),
+            table: r.get(1),
+        })
+        .collect())
 }
 
 fn is_denied(e: &tokio_postgres::Error) -> bool {

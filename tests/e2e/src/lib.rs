@@ -66,6 +66,17 @@ pub struct Cluster {
     major: u32,
 }
 
+/// Whether the version-matrix tests run PostgreSQL `major` as a source:
+/// all majors, or those listed in `SYNCHDB_VERSIONS` (e.g. `12,14`).
+pub fn version_selected(major: u32) -> bool {
+    match std::env::var("SYNCHDB_VERSIONS") {
+        Ok(list) if !list.trim().is_empty() => list
+            .split(',')
+            .any(|v| v.trim().parse::<u32>().ok() == Some(major)),
+        _ => true,
+    }
+}
+
 /// Binaries of PostgreSQL `major` (fetched once into a cache by
 /// scripts/pg-versions.sh; 15 is the system's): (bin dir, lib dir).
 pub fn binaries(major: u32) -> (String, Option<String>) {

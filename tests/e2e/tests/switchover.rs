@@ -434,19 +434,10 @@ fn sequence_without_select_privilege_names_the_grant() {
     assert!(!format!("{db:?}").contains("limitedpw"));
 }
 
-fn selected(major: u32) -> bool {
-    match std::env::var("SYNCHDB_VERSIONS") {
-        Ok(list) if !list.trim().is_empty() => list
-            .split(',')
-            .any(|v| v.trim().parse::<u32>().ok() == Some(major)),
-        _ => true,
-    }
-}
-
 /// Indexes, sequences and the check against a source of another major
 /// version: 10 has no INCLUDE (`indnkeyatts`), 11 has, 18 is the newest.
 fn other_source_version(major: u32) {
-    if !selected(major) {
+    if !version_selected(major) {
         return;
     }
     let pair = Pair::with_clusters(Cluster::source_version(major), Cluster::destination());

@@ -9,15 +9,6 @@ use synchdb_e2e::*;
 
 const NAME: &str = "vm";
 
-fn selected(major: u32) -> bool {
-    match std::env::var("SYNCHDB_VERSIONS") {
-        Ok(list) if !list.trim().is_empty() => list
-            .split(',')
-            .any(|v| v.trim().parse::<u32>().ok() == Some(major)),
-        _ => true,
-    }
-}
-
 /// Columns of `public.types` and a row of values, for the types `major` has.
 fn type_matrix(major: u32) -> (String, Vec<String>) {
     let mut cols = vec![
@@ -64,7 +55,7 @@ fn type_matrix(major: u32) -> (String, Vec<String>) {
 }
 
 fn run_matrix(major: u32) {
-    if !selected(major) {
+    if !version_selected(major) {
         eprintln!("PostgreSQL {major} skipped (SYNCHDB_VERSIONS)");
         return;
     }

@@ -528,9 +528,6 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     )
 }
 
-/// How an undecodable pgoutput message is reported (a source problem).
-const MALFORMED: &str = "malformed pgoutput message";
-
 /// Keeps the publication in step with the captured tables while streaming
 /// (over a connection of its own: the applier holds the catalog's).
 struct PublicationWatch {
@@ -1288,7 +1285,11 @@ fn stream(
                 return Err(Stop::Source(format!("replication stream: {e}")));
             }
         };
-        let outcome = pgtxn::catch(|| match ev {
+        // A message that does not decode is the source's (or the
+        // network's) fault, not the destination's: nothing of it is
+        // applied, and the stream is read again from the last applied
+        // position.
+        let incoming = match ev {
             Event::XLogData {
                 wal_start, data, ..
             } => {
@@ -1296,37 +1297,51 @@ fn stream(
                 // The message's values are slices of `data`: only they keep it now.
                 drop(data);
                 match decoded {
-                    Ok(Message::Begin {
-                        final_lsn,
-                        commit_ts,
-                        xid,
-                    }) => {
-                        slot.set_state(State::Executing);
-                        applier.begin(final_lsn, xid, commit_ts);
-                        None
-                    }
-                    Ok(Message::Commit {
-                        commit_lsn,
-                        end_lsn,
-                        commit_ts,
-                        ..
-                    }) => {
-                        let local_end = applier.commit(commit_lsn, end_lsn, commit_ts);
-                        Some(Progress::Committed {
-                            remote_end: end_lsn,
-                            local_end,
-                        })
-                    }
-                    Ok(msg) => {
-                        applier.apply(msg, wal_start);
-                        None
-                    }
+                    Ok(msg) => Incoming::Message(msg, wal_start),
                     Err(e) => {
-                        pgrx::error!("{MALFORMED} at {}: {e}", crate::lsn::format_lsn(wal_start))
+                        applier.abort();
+                        return Err(Stop::Source(format!(
+                            "malformed pgoutput message at {}: {e}",
+                            crate::lsn::format_lsn(wal_start)
+                        )));
                     }
                 }
             }
-            Event::KeepAlive { wal_end } => {
+            Event::KeepAlive { wal_end } => Incoming::KeepAlive(wal_end),
+        };
+        let outcome = pgtxn::catch(|| match incoming {
+            Incoming::Message(
+                Message::Begin {
+                    final_lsn,
+                    commit_ts,
+                    xid,
+                },
+                _,
+            ) => {
+                slot.set_state(State::Executing);
+                applier.begin(final_lsn, xid, commit_ts);
+                None
+            }
+            Incoming::Message(
+                Message::Commit {
+                    commit_lsn,
+                    end_lsn,
+                    commit_ts,
+                    ..
+                },
+                _,
+            ) => {
+                let local_end = applier.commit(commit_lsn, end_lsn, commit_ts);
+                Some(Progress::Committed {
+                    remote_end: end_lsn,
+                    local_end,
+                })
+            }
+            Incoming::Message(msg, wal_start) => {
+                applier.apply(msg, wal_start);
+                None
+            }
+            Incoming::KeepAlive(wal_end) => {
                 if !applier.in_transaction() {
                     Some(Progress::Idle(wal_end))
                 } else {
@@ -1385,12 +1400,6 @@ fn stream(
                 if e.contains(crate::relcache::APPLY_AGAIN) {
                     pgrx::log!("synchdb: connector \"{}\": {e}", ctx.name);
                     return Err(Stop::Restart);
-                }
-                if e.starts_with(MALFORMED) {
-                    // What the source (or the network) sent is broken, not
-                    // the destination: nothing of it was applied, and the
-                    // stream is read again from the last applied position.
-                    return Err(Stop::Source(e));
                 }
                 if e.contains("invalid input value for enum") {
                     match applier.sync_enum_labels(&type_oids) {
@@ -1472,6 +1481,14 @@ fn publish_stats(
         s.received_lsn = s.received_lsn.max(remote_end);
     });
     *published = c.clone();
+}
+
+/// What one stream event brings to the applier.
+enum Incoming {
+    /// A decoded pgoutput message and where it starts in the WAL.
+    Message(Message, u64),
+    /// A keepalive: the server has sent everything before this position.
+    KeepAlive(u64),
 }
 
 /// What handling one replication event achieved.

@@ -5,28 +5,13 @@
 
 use pgrx::prelude::*;
 
-pub mod api;
 pub mod apply;
-pub mod conninfo;
-pub mod decode;
-pub mod direct;
+pub mod control;
 pub mod engine;
-pub mod gucs;
-pub mod indexes;
 pub mod lsn;
-pub mod pgtxn;
-pub mod relcache;
-pub mod replication;
-pub mod schema;
-pub mod secrets;
-pub mod shmem;
 pub mod source;
-pub mod sqlgen;
-pub mod switchover;
-pub mod tls;
-pub mod untrusted;
-pub mod usercontext;
-pub mod worker;
+
+use control::{api, gucs, shmem, worker};
 
 pgrx::pg_module_magic!();
 

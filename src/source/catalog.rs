@@ -3,7 +3,7 @@
 //! and the replication session. Runs on a tokio runtime owned by the worker
 //! and never calls into Postgres; everything here is plain Rust.
 
-use crate::conninfo::{ConnInfo, TableRef};
+use crate::control::conninfo::{ConnInfo, TableRef};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -114,7 +114,7 @@ pub const PINNED_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres -c 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The startup settings; the socket, and TLS on it, come from
-/// `crate::tls` (shared with the replication connection).
+/// `crate::source::tls` (shared with the replication connection).
 fn config(info: &ConnInfo, encrypted: bool) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     c.options(PINNED_OPTIONS);
@@ -137,7 +137,7 @@ fn config(info: &ConnInfo, encrypted: bool) -> tokio_postgres::Config {
 
 type Opened = (
     Client,
-    tokio_postgres::Connection<crate::tls::Stream, crate::tls::Stream>,
+    tokio_postgres::Connection<crate::source::tls::Stream, crate::source::tls::Stream>,
 );
 
 /// Why one connection attempt failed.
@@ -149,8 +149,8 @@ enum AttemptError {
 
 async fn open_once(
     info: &ConnInfo,
-    connector: &crate::tls::Connector,
-    attempt: crate::tls::Attempt,
+    connector: &crate::source::tls::Connector,
+    attempt: crate::source::tls::Attempt,
 ) -> Result<Opened, AttemptError> {
     let port = u16::try_from(info.port).unwrap_or(5432);
     let stream = connector
@@ -158,7 +158,7 @@ async fn open_once(
         .await
         .map_err(AttemptError::Transport)?;
     config(info, stream.is_tls())
-        .connect_raw(stream, crate::tls::AlreadyEncrypted)
+        .connect_raw(stream, crate::source::tls::AlreadyEncrypted)
         .await
         .map_err(AttemptError::Pg)
 }
@@ -173,7 +173,7 @@ pub async fn connect(info: &ConnInfo) -> Result<Client, SourceError> {
         msg,
     };
     let opts = info.tls().map_err(|e| fail(e.to_string()))?;
-    let connector = crate::tls::Connector::new(&opts, &info.hostname).map_err(fail)?;
+    let connector = crate::source::tls::Connector::new(&opts, &info.hostname).map_err(fail)?;
     let attempts = connector.attempts();
     let mut opened = None;
     for (i, attempt) in attempts.iter().enumerate() {
@@ -223,7 +223,7 @@ pub async fn connect(info: &ConnInfo) -> Result<Client, SourceError> {
 fn rejected_plain(e: &tokio_postgres::Error) -> bool {
     e.as_db_error()
         .is_some_and(|db| db.code().code().starts_with("28"))
-        || crate::tls::is_cleartext_refusal(e)
+        || crate::source::tls::is_cleartext_refusal(e)
 }
 
 /// Checks what the connector needs from the source, with a clear message
@@ -407,7 +407,7 @@ pub async fn relation_name(client: &Client, oid: u32) -> Result<Option<TableRef>
 
 /// Reads a table's columns (names, exact types, NOT NULL) and primary key.
 pub async fn describe_table(client: &Client, t: &TableRef) -> Result<SourceTable, SourceError> {
-    let sql = include_str!("../sql/source_columns.sql");
+    let sql = include_str!("../../sql/source_columns.sql");
     // Generated columns exist from PostgreSQL 12.
     let sql = if server_version() < 120000 {
         sql.replace("a.attgenerated = 's'", "false")
@@ -470,7 +470,7 @@ pub async fn describe_table(client: &Client, t: &TableRef) -> Result<SourceTable
 }
 
 fn quote(ident: &str) -> String {
-    crate::sqlgen::quote_ident(ident)
+    crate::apply::sqlgen::quote_ident(ident)
 }
 
 fn table_list(tables: &[TableRef]) -> String {
@@ -1016,7 +1016,10 @@ pub async fn describe_user_types(
 /// How the destination must name type `oid` (with `typmod`).
 async fn type_ref(client: &Client, oid: u32, typmod: i32) -> Result<ColumnType, SourceError> {
     let b = client
-        .query_one(include_str!("../sql/source_type_ref.sql"), &[&oid, &typmod])
+        .query_one(
+            include_str!("../../sql/source_type_ref.sql"),
+            &[&oid, &typmod],
+        )
         .await
         .map_err(SourceError::from_pg)?;
     Ok(column_type(
@@ -1039,7 +1042,7 @@ fn visit_type<'a>(
             return Ok(());
         }
         let row = client
-            .query_opt(include_str!("../sql/source_type.sql"), &[&oid])
+            .query_opt(include_str!("../../sql/source_type.sql"), &[&oid])
             .await
             .map_err(SourceError::from_pg)?;
         let Some(row) = row else { return Ok(()) };
@@ -1066,7 +1069,10 @@ fn visit_type<'a>(
             }
             b'c' => {
                 let rows = client
-                    .query(include_str!("../sql/source_composite_attrs.sql"), &[&oid])
+                    .query(
+                        include_str!("../../sql/source_composite_attrs.sql"),
+                        &[&oid],
+                    )
                     .await
                     .map_err(SourceError::from_pg)?;
                 let mut attrs = Vec::new();

@@ -172,7 +172,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         if let Some(prev) = PREV_REQUEST_HOOK {
             prev();
         }
-        pg_sys::RequestAddinShmemSpace(segment_size(crate::gucs::max_connectors()));
+        pg_sys::RequestAddinShmemSpace(segment_size(crate::control::gucs::max_connectors()));
         pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 1);
     }
 }
@@ -183,7 +183,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
         if let Some(prev) = PREV_STARTUP_HOOK {
             prev();
         }
-        let n = crate::gucs::max_connectors();
+        let n = crate::control::gucs::max_connectors();
         // AddinShmemInitLock is a macro in C: slot 21 of the main LWLock array.
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);

@@ -5,13 +5,13 @@
 //! applying decoded changes, and bulk-loading snapshot rows through
 //! PostgreSQL's COPY machinery.
 
-use crate::conninfo::TableRef;
-use crate::decode::{Message, OldKind, Relation, TupleValue};
-use crate::direct;
-use crate::schema::{self, ColumnChange};
-use crate::source::{SourceTable, UserType};
-use crate::sqlgen::{self, KeyMatch};
-use crate::usercontext;
+use crate::apply::direct;
+use crate::apply::schema::{self, ColumnChange};
+use crate::apply::sqlgen::{self, KeyMatch};
+use crate::apply::usercontext;
+use crate::control::conninfo::TableRef;
+use crate::source::catalog::{SourceTable, UserType};
+use crate::source::decode::{Message, OldKind, Relation, TupleValue};
 use bytes::{Buf, Bytes};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -19,11 +19,14 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CString};
 
+mod follow;
+mod rows;
+
 /// Sets up this session's replication origin (created when missing) and
 /// returns the position up to which remote transactions are applied.
 pub fn setup_origin(origin: &str) -> Result<u64, String> {
     let cname = CString::new(origin).map_err(|_| "origin name has a NUL byte".to_string())?;
-    crate::pgtxn::run(|| unsafe {
+    crate::apply::pgtxn::run(|| unsafe {
         // A session can hold one origin; later attempts of the same worker
         // (after a retry) reuse it.
         if pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
@@ -47,11 +50,11 @@ pub fn setup_origin(origin: &str) -> Result<u64, String> {
 pub fn reset_origin(origin: &str, lsn: u64) -> Result<(), String> {
     unsafe {
         if pg_sys::replorigin_session_origin != pg_sys::InvalidRepOriginId as pg_sys::RepOriginId {
-            crate::pgtxn::catch(|| pg_sys::replorigin_session_reset())?;
+            crate::apply::pgtxn::catch(|| pg_sys::replorigin_session_reset())?;
             pg_sys::replorigin_session_origin = pg_sys::InvalidRepOriginId as pg_sys::RepOriginId;
         }
     }
-    crate::pgtxn::run(|| {
+    crate::apply::pgtxn::run(|| {
         Spi::run_with_args(
             "SELECT pg_catalog.pg_replication_origin_advance($1, $2::pg_lsn)",
             &[origin.into(), crate::lsn::format_lsn(lsn).as_str().into()],
@@ -276,7 +279,7 @@ impl<'c> Applier<'c> {
     }
 
     pub fn begin(&mut self, final_lsn: u64, xid: u32, commit_ts: i64) {
-        crate::pgtxn::start();
+        crate::apply::pgtxn::start();
         self.in_change = false;
         self.xact_seq += 1;
         self.spi = false;
@@ -299,7 +302,7 @@ impl<'c> Applier<'c> {
             pg_sys::replorigin_session_origin_lsn = end_lsn;
             pg_sys::replorigin_session_origin_timestamp = commit_ts;
         }
-        crate::pgtxn::commit();
+        crate::apply::pgtxn::commit();
         let local_end = unsafe { pg_sys::XactLastCommitEnd };
         unsafe {
             pg_sys::replorigin_session_origin_lsn = 0;
@@ -310,7 +313,7 @@ impl<'c> Applier<'c> {
         self.last.lsn_commit = commit_lsn;
         self.last.lsn = end_lsn;
         self.last.xid = self.xid;
-        self.last.ts_usec = crate::decode::pg_ts_to_unix_usec(commit_ts);
+        self.last.ts_usec = crate::source::decode::pg_ts_to_unix_usec(commit_ts);
         if self.last.lsn_proc < commit_lsn && self.last.message_type.is_empty() {
             self.last.lsn_proc = commit_lsn;
         }
@@ -320,8 +323,8 @@ impl<'c> Applier<'c> {
     /// Throws the current transaction away after an error (and forgets plans,
     /// which may be invalid now).
     pub fn abort(&mut self) {
-        if self.in_xact || crate::pgtxn::in_transaction() {
-            crate::pgtxn::abort();
+        if self.in_xact || crate::apply::pgtxn::in_transaction() {
+            crate::apply::pgtxn::abort();
         }
         self.in_xact = false;
         self.spi = false;
@@ -421,7 +424,7 @@ impl<'c> Applier<'c> {
             .map(|t| t.dst_schema.clone())
             .unwrap_or_else(|| self.dst_schema.clone());
         let types = self.catalog.enum_types(&oids)?;
-        crate::pgtxn::run(|| schema::add_enum_labels(&types, &dst_schema))
+        crate::apply::pgtxn::run(|| schema::add_enum_labels(&types, &dst_schema))
     }
 
     /// The change whose apply raised the last ERROR (None when the ERROR
@@ -572,7 +575,7 @@ impl<'c> Applier<'c> {
             self.sync_entry(rel_id);
             if let Some(relid) = self.rels.get(&rel_id).and_then(|e| e.dest_relid) {
                 // Invalidations from the DDL just run: the maps were read after it.
-                crate::relcache::forget(relid);
+                crate::apply::relcache::forget(relid);
             }
         }
         matches!(self.rels.get(&rel_id).and_then(|e| e.target.as_ref()), Some(t) if self.final_lsn >= t.sync_lsn)
@@ -581,7 +584,7 @@ impl<'c> Applier<'c> {
     /// Destination tables whose definition changed (a DBA's DDL, or ours)
     /// have their maps rebuilt before their next change.
     fn refresh_invalidated(&mut self) {
-        let (all, list) = crate::relcache::take();
+        let (all, list) = crate::apply::relcache::take();
         if !all && list.is_empty() {
             return;
         }
@@ -744,761 +747,6 @@ impl<'c> Applier<'c> {
             e.synced = true;
             e.locked_in = seq;
         }
-    }
-
-    /// Creates the destination table of a source table the snapshot did not
-    /// know. Its shape comes from the source catalog when the catalog still
-    /// has this very table (same OID: user-defined types, NOT NULL, primary
-    /// key), else from the Relation message itself; a table that no longer
-    /// exists and uses types the stream cannot name is skipped (logged and
-    /// counted). Returns whether the table is replicated.
-    fn create_late_table(&mut self, rel: &Relation, key: &TableRef, t: &mut TableTarget) -> bool {
-        let described = self
-            .catalog
-            .describe(key)
-            .ok()
-            .filter(|(shape, _)| shape.oid == rel.id);
-        match described {
-            Some((shape, types)) => {
-                schema::ensure_user_types(&types, &t.dst_schema);
-                schema::create_table(&t.dst_schema, &t.dst_table, &shape, false);
-            }
-            None => {
-                if let Some(c) = rel.columns.iter().find(|c| c.type_oid >= FIRST_NORMAL_OID) {
-                    self.counters.skipped += 1;
-                    pgrx::log!(
-                        "synchdb: connector \"{}\": source table {key} (OID {}) no longer exists on the source and its column \"{}\" has a user-defined type; its changes are skipped",
-                        self.connector,
-                        rel.id,
-                        c.name
-                    );
-                    return false;
-                }
-                schema::create_table_from_stream(&t.dst_schema, &t.dst_table, rel);
-                pgrx::log!(
-                    "synchdb: connector \"{}\": source table {key} (OID {}) is not in the source catalog any more; {}.{} is built from the stream's description",
-                    self.connector,
-                    rel.id,
-                    t.dst_schema,
-                    t.dst_table
-                );
-            }
-        }
-        let cols: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
-        t.src_relid = rel.id;
-        t.sync_lsn = 0;
-        schema::record_table(
-            &self.connector,
-            key,
-            &t.dst_schema,
-            &t.dst_table,
-            rel.id,
-            0,
-            0,
-            None,
-        );
-        self.counters.ddl += 1;
-        pgrx::log!(
-            "synchdb: connector \"{}\" created {}.{} for new source table {key}",
-            self.connector,
-            t.dst_schema,
-            t.dst_table
-        );
-        // The catalog may be ahead of the stream: bring the new (empty)
-        // table to the shape this Relation message announces.
-        self.follow_schema(rel, key, t);
-        if t.src_columns.is_none() {
-            t.src_columns = Some(cols.clone());
-            schema::set_src_columns(&self.connector, key, &cols);
-        }
-        true
-    }
-
-    /// The source table was dropped and created again under the same name
-    /// (a new OID): none of the old rows may stay.
-    fn recreated(&mut self, rel: &Relation, key: &TableRef, t: &mut TableTarget) {
-        self.counters.ddl += 1;
-        if self.can_resync {
-            self.resync = Some((key.clone(), t.clone()));
-            pgrx::error!(
-                "source table {key} was dropped and created again (OID {} became {}); the table is copied again",
-                t.src_relid,
-                rel.id
-            );
-        }
-        let truncate = format!(
-            "TRUNCATE {}",
-            sqlgen::qualified(&t.dst_schema, &t.dst_table)
-        );
-        usercontext::as_owner(schema::relid(&t.dst_schema, &t.dst_table), || {
-            schema::run_ddl(&truncate)
-        });
-        pgrx::log!(
-            "synchdb: connector \"{}\": source table {key} was dropped and created again (OID {} became {}); emptied {}.{}",
-            self.connector,
-            t.src_relid,
-            rel.id,
-            t.dst_schema,
-            t.dst_table
-        );
-        t.src_relid = rel.id;
-        schema::set_src_relid(&self.connector, key, rel.id);
-    }
-
-    fn rename_table(&mut self, old: &TableRef, new: &TableRef) {
-        let Some(t) = self.targets.remove(old) else {
-            return;
-        };
-        let renamed = TableTarget {
-            dst_table: schema::follow_table_rename(
-                &self.connector,
-                old,
-                new,
-                &t.dst_schema,
-                &t.dst_table,
-            ),
-            ..t.clone()
-        };
-        self.counters.ddl += 1;
-        pgrx::log!(
-            "synchdb: connector \"{}\": source table {old} was renamed to {new}; renamed {}.{} to {}",
-            self.connector,
-            t.dst_schema,
-            t.dst_table,
-            renamed.dst_table
-        );
-        self.targets.insert(new.clone(), renamed);
-    }
-
-    /// Brings the destination table to the shape a Relation message
-    /// announces. Columns the destination has that never came from the
-    /// source are the DBA's and are left alone. In modes that copy data, a
-    /// change that existing rows cannot follow exactly from the stream alone
-    /// (an added column, whose values for existing rows come from a default
-    /// that may be volatile or changed since; a retyped column, possibly
-    /// through a USING expression; a rename, indistinguishable from a drop
-    /// and an add) makes the table be copied again under a fresh snapshot,
-    /// unless the table is empty. Dropped columns are dropped in place.
-    fn follow_schema(&mut self, rel: &Relation, key: &TableRef, t: &mut TableTarget) {
-        let dest = schema::dest_columns(&t.dst_schema, &t.dst_table);
-        let owned = |name: &str| match &t.src_columns {
-            Some(list) => list.iter().any(|c| c == name),
-            None => true,
-        };
-        let src: Vec<(String, Option<u32>, i32)> = rel
-            .columns
-            .iter()
-            .map(|c| {
-                let builtin = c.type_oid < FIRST_NORMAL_OID;
-                (c.name.clone(), builtin.then_some(c.type_oid), c.type_mod)
-            })
-            .collect();
-        let rel_names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
-        let dst: Vec<(String, u32, i32)> = dest
-            .iter()
-            .filter(|d| !d.generated && owned(&d.name))
-            .map(|d| (d.name.clone(), u32::from(d.type_oid), d.typmod))
-            .collect();
-        let mut changes = schema::diff_columns(&src, &dst);
-        if !self.create_missing {
-            // Mode never: the destination tables are the user's. Columns the
-            // source lacks are kept (they may be the user's own); a column the
-            // destination lacks is added so that no value is lost.
-            changes = changes
-                .into_iter()
-                .filter_map(|c| match c {
-                    ColumnChange::Drop { .. } => None,
-                    ColumnChange::Rename { to, .. } => rel
-                        .columns
-                        .iter()
-                        .position(|c| c.name == to)
-                        .map(|i| ColumnChange::Add {
-                            name: to,
-                            source_index: i,
-                        }),
-                    other => Some(other),
-                })
-                .collect();
-        }
-        // A primary key changed on the source (default replica identity:
-        // the key columns are flagged): the destination's key, and the rows
-        // it would now reject or let in twice, follow through a fresh copy.
-        if self.can_resync && rel.replica_identity == b'd' && !self.via_partition {
-            let mut src_key: Vec<String> = rel
-                .columns
-                .iter()
-                .filter(|c| c.is_key)
-                .map(|c| c.name.clone())
-                .collect();
-            if !src_key.is_empty() {
-                let mut dst_key = schema::primary_key_columns(&t.dst_schema, &t.dst_table);
-                src_key.sort();
-                dst_key.sort();
-                if src_key != dst_key {
-                    self.resync = Some((key.clone(), t.clone()));
-                    self.counters.ddl += 1;
-                    pgrx::error!(
-                        "the primary key of source table {key} is ({}), the destination's is ({}); the table is copied again",
-                        src_key.join(", "),
-                        dst_key.join(", ")
-                    );
-                }
-            }
-        }
-        if changes.is_empty() {
-            if t.src_columns.as_ref() != Some(&rel_names) {
-                t.src_columns = Some(rel_names.clone());
-                schema::set_src_columns(&self.connector, key, &rel_names);
-            }
-            return;
-        }
-        let target = sqlgen::qualified(&t.dst_schema, &t.dst_table);
-        let empty = schema::is_empty(&t.dst_schema, &t.dst_table);
-        let only_drops = changes
-            .iter()
-            .all(|c| matches!(c, ColumnChange::Drop { .. }));
-        if self.can_resync && !empty && !only_drops {
-            self.resync = Some((key.clone(), t.clone()));
-            self.counters.ddl += 1;
-            let what: Vec<String> = changes.iter().map(describe_change).collect();
-            pgrx::error!(
-                "source table {key} changed shape ({}); the table is copied again",
-                what.join(", ")
-            );
-        }
-        let mut shape: Option<Option<SourceTable>> = None;
-        for ch in changes {
-            if let ColumnChange::Add { name, .. } = &ch {
-                // A column of the DBA's that the source now has by the same
-                // name becomes the source's (a table with rows was copied
-                // again above, in modes that copy).
-                if dest.iter().any(|d| &d.name == name) {
-                    if !empty {
-                        pgrx::warning!(
-                            "synchdb: column \"{name}\" that the source added to {key} already existed in {target} (added there by hand); it mirrors the source column from now on and keeps its values in existing rows (this mode does not copy tables again)"
-                        );
-                    }
-                    continue;
-                }
-            }
-            let ddl = match &ch {
-                ColumnChange::Rename { from, to } => format!(
-                    "ALTER TABLE {target} RENAME COLUMN {} TO {}",
-                    sqlgen::quote_ident(from),
-                    sqlgen::quote_ident(to)
-                ),
-                ColumnChange::Drop { name } => {
-                    format!(
-                        "ALTER TABLE {target} DROP COLUMN {}",
-                        sqlgen::quote_ident(name)
-                    )
-                }
-                ColumnChange::Add { name, source_index }
-                | ColumnChange::Retype { name, source_index } => {
-                    // The catalog names user-defined types; it is read only
-                    // when it still describes this very table.
-                    if shape.is_none() {
-                        shape = Some(match self.catalog.describe(key) {
-                            Ok((s, types)) if s.oid == rel.id => {
-                                schema::ensure_user_types(&types, &t.dst_schema);
-                                Some(s)
-                            }
-                            _ => None,
-                        });
-                    }
-                    let col = shape
-                        .as_ref()
-                        .and_then(|s| s.as_ref())
-                        .and_then(|s| s.columns.iter().find(|c| &c.name == name).cloned());
-                    let rc = &rel.columns[*source_index];
-                    let ty = match &col {
-                        Some(col)
-                            if col.type_oid == rc.type_oid || rc.type_oid >= FIRST_NORMAL_OID =>
-                        {
-                            schema::type_sql(
-                                &col.ty,
-                                &t.dst_schema,
-                                &format!("column \"{name}\" of {key}"),
-                            )
-                        }
-                        _ if rc.type_oid < FIRST_NORMAL_OID => {
-                            schema::format_type(rc.type_oid, rc.type_mod)
-                        }
-                        _ => {
-                            pgrx::warning!(
-                                "synchdb: column \"{name}\" of {key} is no longer in the source catalog and has a user-defined type; it is kept as text"
-                            );
-                            "text".to_string()
-                        }
-                    };
-                    if matches!(ch, ColumnChange::Retype { .. }) {
-                        if !empty {
-                            pgrx::warning!(
-                                "synchdb: column \"{name}\" of {key} changed type; existing destination values are converted through their text form (this mode does not copy tables again)"
-                            );
-                        }
-                        format!(
-                            "ALTER TABLE {target} ALTER COLUMN {c} TYPE {ty} USING {c}::text::{ty}",
-                            c = sqlgen::quote_ident(name)
-                        )
-                    } else {
-                        let mut d = format!(
-                            "ALTER TABLE {target} ADD COLUMN {} {ty}",
-                            sqlgen::quote_ident(name)
-                        );
-                        if !empty && col.is_some() {
-                            // Modes that never copy: existing rows got the
-                            // default on the source; a volatile one (a
-                            // sequence's too) cannot be reproduced here and
-                            // is left out (untrusted::default_expression).
-                            let default = self.catalog.column_default(rel.id, name).unwrap_or(None);
-                            let what = format!("default of column \"{name}\" of {key}");
-                            if let Some((def, pasted)) = default.and_then(|def| {
-                                crate::untrusted::default_expression(&def, &what).map(|p| (def, p))
-                            }) {
-                                pgrx::warning!(
-                                    "synchdb: column \"{name}\" added to {key} with default {def}: existing destination rows get the default evaluated here (this mode does not copy tables again)"
-                                );
-                                d.push_str(&format!(" DEFAULT {pasted}"));
-                            }
-                        }
-                        d
-                    }
-                }
-            };
-            // As the table's owner: a rewrite evaluates its CHECK
-            // constraints, defaults and casts.
-            usercontext::as_owner(schema::relid(&t.dst_schema, &t.dst_table), || {
-                schema::run_ddl(&ddl)
-            });
-            self.counters.ddl += 1;
-            pgrx::log!(
-                "synchdb: connector \"{}\" followed a schema change of {key}: {ddl}",
-                self.connector
-            );
-        }
-        // Keep the DBA's columns apart from the source's from now on.
-        let mut cols = rel_names;
-        if !self.create_missing {
-            for d in &dest {
-                if owned(&d.name) && !d.generated && !cols.contains(&d.name) {
-                    cols.push(d.name.clone());
-                }
-            }
-        }
-        t.src_columns = Some(cols.clone());
-        schema::set_src_columns(&self.connector, key, &cols);
-    }
-
-    fn change(&mut self, rel_id: u32, f: impl FnOnce(&mut Self, u32)) {
-        self.current_rel_id = Some(rel_id);
-        if self.ready(rel_id) {
-            f(self, rel_id)
-        }
-    }
-
-    fn plan(
-        &mut self,
-        rel_id: u32,
-        op: u8,
-        mask: Vec<bool>,
-        build: impl FnOnce(&RelEntry) -> (String, Vec<pg_sys::Oid>),
-    ) -> pg_sys::SPIPlanPtr {
-        // Every prepared-statement change goes through here first.
-        if !self.spi {
-            unsafe { pg_sys::SPI_connect() };
-            self.spi = true;
-        }
-        let Some(entry) = self.rels.get_mut(&rel_id) else {
-            pgrx::error!("unknown relation id {rel_id}");
-        };
-        if let Some(p) = entry.plans.get(&(op, mask.clone())) {
-            return *p;
-        }
-        let (sql, mut types) = build(entry);
-        let csql = CString::new(sql).unwrap_or_default();
-        let plan = unsafe {
-            let nargs = c_int::try_from(types.len()).unwrap_or(0);
-            let p = pg_sys::SPI_prepare(csql.as_ptr(), nargs, types.as_mut_ptr());
-            if p.is_null() {
-                pgrx::error!(
-                    "could not prepare statement for {}.{}",
-                    entry.rel.namespace,
-                    entry.rel.name
-                );
-            }
-            pg_sys::SPI_keepplan(p);
-            p
-        };
-        entry.plans.insert((op, mask), plan);
-        plan
-    }
-
-    fn insert(&mut self, rel_id: u32, new: Vec<TupleValue>) {
-        let entry = &self.rels[&rel_id];
-        if let Some(t) = entry.direct {
-            let mut text = text_buffer(&[&new]);
-            let vals = attr_inputs(entry, (0..new.len()).map(|i| (i, &new[i])), &mut text);
-            // The values are copied: let go of the message (a large value
-            // is then held once by this change, not twice).
-            drop(new);
-            usercontext::as_role(entry.run_as, || {
-                direct::insert(&t, self.change_cxt.value(), &mut text, &vals)
-            });
-            return;
-        }
-        let new = &new[..];
-        let cols: Vec<usize> = (0..entry.rel.columns.len())
-            .filter(|i| !matches!(new.get(*i), Some(TupleValue::Unchanged) | None))
-            .collect();
-        let mask: Vec<bool> = (0..entry.rel.columns.len())
-            .map(|i| cols.contains(&i))
-            .collect();
-        let plan = self.plan(rel_id, b'I', mask, |e| {
-            let t = target_of(e);
-            let names: Vec<&str> = cols
-                .iter()
-                .map(|i| e.rel.columns[*i].name.as_str())
-                .collect();
-            (
-                sqlgen::insert(&t.dst_schema, &t.dst_table, &names),
-                types_of(e, &cols),
-            )
-        });
-        let entry = &self.rels[&rel_id];
-        let vals: Vec<(usize, &TupleValue)> = cols.iter().map(|i| (*i, &new[*i])).collect();
-        let n = self.execute(entry, plan, &vals);
-        let _ = n;
-    }
-
-    fn key_columns(entry: &RelEntry) -> Vec<usize> {
-        (0..entry.rel.columns.len())
-            .filter(|i| entry.rel.columns[*i].is_key)
-            .collect()
-    }
-
-    fn update(
-        &mut self,
-        rel_id: u32,
-        old: Option<&(OldKind, Vec<TupleValue>)>,
-        new: &[TupleValue],
-    ) {
-        let entry = &self.rels[&rel_id];
-        let ncols = entry.rel.columns.len();
-        if let (Some(t), None | Some((OldKind::Key, _))) =
-            (entry.direct.filter(|t| t.has_key()), old)
-        {
-            let key_src: &[TupleValue] = match old {
-                Some((_, vals)) => vals,
-                None => new,
-            };
-            let keys = Self::key_columns(entry);
-            let mut text = text_buffer(&[key_src, new]);
-            let key = attr_inputs(
-                entry,
-                keys.iter().filter_map(|i| key_src.get(*i).map(|v| (*i, v))),
-                &mut text,
-            );
-            let vals = attr_inputs(entry, (0..new.len()).map(|i| (i, &new[i])), &mut text);
-            let found = usercontext::as_role(entry.run_as, || {
-                direct::update(&t, self.change_cxt.value(), &mut text, &key, &vals)
-            });
-            if !found {
-                self.missing_row("UPDATE", rel_id);
-            }
-            return;
-        }
-        let set_cols: Vec<usize> = (0..ncols)
-            .filter(|i| !matches!(new.get(*i), Some(TupleValue::Unchanged) | None))
-            .collect();
-        let (how, key_cols, key_src): (KeyMatch, Vec<usize>, &[TupleValue]) = match old {
-            Some((OldKind::Full, vals)) => (
-                KeyMatch::Full,
-                (0..ncols)
-                    .filter(|i| !matches!(vals.get(*i), Some(TupleValue::Unchanged) | None))
-                    .collect(),
-                vals,
-            ),
-            Some((OldKind::Key, vals)) => (KeyMatch::Key, Self::key_columns(entry), vals),
-            None => (KeyMatch::Key, Self::key_columns(entry), new),
-        };
-        if key_cols.is_empty() {
-            pgrx::error!(
-                "cannot apply UPDATE to {}.{}: the source table has no replica identity (add a primary key or set REPLICA IDENTITY FULL on the source)",
-                entry.rel.namespace,
-                entry.rel.name
-            );
-        }
-        let mut mask: Vec<bool> = (0..ncols).map(|i| set_cols.contains(&i)).collect();
-        mask.extend((0..ncols).map(|i| key_cols.contains(&i)));
-        mask.push(how == KeyMatch::Full);
-        let plan = self.plan(rel_id, b'U', mask, |e| {
-            let t = target_of(e);
-            let sets: Vec<&str> = set_cols
-                .iter()
-                .map(|i| e.rel.columns[*i].name.as_str())
-                .collect();
-            let keys: Vec<&str> = key_cols
-                .iter()
-                .map(|i| e.rel.columns[*i].name.as_str())
-                .collect();
-            let mut types = types_of(e, &set_cols);
-            types.extend(types_of(e, &key_cols));
-            (
-                sqlgen::update(
-                    &t.dst_schema,
-                    &t.dst_table,
-                    &sets,
-                    &keys,
-                    &by_text(e, &key_cols),
-                    how,
-                ),
-                types,
-            )
-        });
-        let entry = &self.rels[&rel_id];
-        let mut vals: Vec<(usize, &TupleValue)> = set_cols.iter().map(|i| (*i, &new[*i])).collect();
-        for i in &key_cols {
-            match key_src.get(*i) {
-                Some(v) => vals.push((*i, v)),
-                None => pgrx::error!("old tuple is shorter than the relation"),
-            }
-        }
-        if self.execute(entry, plan, &vals) == 0 {
-            self.missing_row("UPDATE", rel_id);
-        }
-    }
-
-    fn delete(&mut self, rel_id: u32, old: &(OldKind, Vec<TupleValue>)) {
-        let entry = &self.rels[&rel_id];
-        if let (Some(t), OldKind::Key) = (entry.direct.filter(|t| t.has_key()), old.0) {
-            let keys = Self::key_columns(entry);
-            let mut text = text_buffer(&[&old.1]);
-            let key = attr_inputs(
-                entry,
-                keys.iter().filter_map(|i| old.1.get(*i).map(|v| (*i, v))),
-                &mut text,
-            );
-            let found = usercontext::as_role(entry.run_as, || {
-                direct::delete(&t, self.change_cxt.value(), &mut text, &key)
-            });
-            if !found {
-                self.missing_row("DELETE", rel_id);
-            }
-            return;
-        }
-        let ncols = entry.rel.columns.len();
-        let (how, key_cols) = match old.0 {
-            OldKind::Full => (
-                KeyMatch::Full,
-                (0..ncols)
-                    .filter(|i| !matches!(old.1.get(*i), Some(TupleValue::Unchanged) | None))
-                    .collect::<Vec<_>>(),
-            ),
-            OldKind::Key => (KeyMatch::Key, Self::key_columns(entry)),
-        };
-        if key_cols.is_empty() {
-            pgrx::error!(
-                "cannot apply DELETE to {}.{}: the source table has no replica identity",
-                entry.rel.namespace,
-                entry.rel.name
-            );
-        }
-        let mut mask: Vec<bool> = (0..ncols).map(|i| key_cols.contains(&i)).collect();
-        mask.push(how == KeyMatch::Full);
-        let plan = self.plan(rel_id, b'D', mask, |e| {
-            let t = target_of(e);
-            let keys: Vec<&str> = key_cols
-                .iter()
-                .map(|i| e.rel.columns[*i].name.as_str())
-                .collect();
-            (
-                sqlgen::delete(
-                    &t.dst_schema,
-                    &t.dst_table,
-                    &keys,
-                    &by_text(e, &key_cols),
-                    how,
-                ),
-                types_of(e, &key_cols),
-            )
-        });
-        let entry = &self.rels[&rel_id];
-        let mut vals = Vec::with_capacity(key_cols.len());
-        for i in &key_cols {
-            match old.1.get(*i) {
-                Some(v) => vals.push((*i, v)),
-                None => pgrx::error!("old tuple is shorter than the relation"),
-            }
-        }
-        if self.execute(entry, plan, &vals) == 0 {
-            self.missing_row("DELETE", rel_id);
-        }
-    }
-
-    fn missing_row(&mut self, op: &str, rel_id: u32) {
-        self.counters.missing_rows += 1;
-        if let Some(e) = self.rels.get(&rel_id) {
-            pgrx::warning!(
-                "synchdb: {op} on {}.{} found no row to change (remote transaction {}, commit LSN {}); the destination differs from the source",
-                e.rel.namespace,
-                e.rel.name,
-                self.xid,
-                crate::lsn::format_lsn(self.final_lsn)
-            );
-        }
-    }
-
-    fn truncate(&mut self, rel_ids: &[u32], restart_identity: bool) {
-        let mut targets = Vec::new();
-        let mut roots_checked: Vec<u32> = Vec::new();
-        for id in rel_ids {
-            if !self.rels.contains_key(id) || !self.ready(*id) {
-                continue;
-            }
-            let root = self.rels.get(id).map(|e| e.rel.id).unwrap_or(*id);
-            if root != *id && !roots_checked.contains(&root) {
-                roots_checked.push(root);
-                self.truncate_partitions(root, rel_ids);
-            }
-            if let Some(e) = self.rels.get(id) {
-                if let Some(t) = &e.target {
-                    targets.push((e.run_as, (t.dst_schema.clone(), t.dst_table.clone())));
-                }
-            }
-        }
-        // One statement per owner, run as that owner (its TRUNCATE
-        // triggers run with its rights): one statement in all when the
-        // tables share an owner, as the source's TRUNCATE did.
-        while let Some((run_as, _)) = targets.first().cloned() {
-            let (mine, rest): (Vec<_>, Vec<_>) =
-                targets.into_iter().partition(|(r, _)| *r == run_as);
-            targets = rest;
-            let tables: Vec<(String, String)> = mine.into_iter().map(|(_, t)| t).collect();
-            let sql = sqlgen::truncate(&tables, restart_identity);
-            if let Err(e) = usercontext::as_role(run_as, || Spi::run(&sql)) {
-                pgrx::error!("{e}");
-            }
-        }
-    }
-
-    /// A TRUNCATE that names partitions of a captured partitioned table
-    /// one by one (a source publishing partitions under their own names)
-    /// empties the whole destination table only when it names every
-    /// partition; otherwise the rows of the other partitions must stay, so
-    /// the table is copied again (modes that copy) or the connector stops
-    /// with an error saying why.
-    fn truncate_partitions(&mut self, root: u32, rel_ids: &[u32]) {
-        let leaves = match self.catalog.partition_leaves(root) {
-            Ok(l) => l,
-            Err(e) => pgrx::error!("reading the partitions of source relation {root}: {e}"),
-        };
-        if leaves.iter().all(|l| rel_ids.contains(l)) {
-            return;
-        }
-        let found = self
-            .targets
-            .iter()
-            .find(|(_, t)| t.src_relid == root)
-            .map(|(k, t)| (k.clone(), t.clone()));
-        let Some((key, target)) = found else { return };
-        self.counters.ddl += 1;
-        if self.can_resync {
-            self.resync = Some((key.clone(), target));
-            pgrx::error!(
-                "some partitions of source table {key} were truncated; the table is copied again"
-            );
-        }
-        pgrx::error!(
-            "some partitions of source table {key} were truncated; the destination table holds all partitions and cannot drop only theirs: restart the connector in mode always with snapshottable '{key}' to copy it again"
-        );
-    }
-
-    /// Converts the values with the destination types' input functions and
-    /// runs the plan, as the table's owner (a domain's CHECK runs in the
-    /// input function); returns the number of rows processed.
-    fn execute(
-        &self,
-        entry: &RelEntry,
-        plan: pg_sys::SPIPlanPtr,
-        vals: &[(usize, &TupleValue)],
-    ) -> u64 {
-        usercontext::as_role(entry.run_as, || self.execute_here(entry, plan, vals))
-    }
-
-    fn execute_here(
-        &self,
-        entry: &RelEntry,
-        plan: pg_sys::SPIPlanPtr,
-        vals: &[(usize, &TupleValue)],
-    ) -> u64 {
-        let mut datums: Vec<pg_sys::Datum> = Vec::with_capacity(vals.len());
-        let mut nulls: Vec<c_char> = Vec::with_capacity(vals.len());
-        let old_cxt = unsafe { pg_sys::MemoryContextSwitchTo(self.change_cxt.value()) };
-        {
-            for (i, v) in vals {
-                let Some(Some(col)) = entry.dest.get(*i) else {
-                    pgrx::error!(
-                        "column \"{}\" of {}.{} has no destination column",
-                        entry
-                            .rel
-                            .columns
-                            .get(*i)
-                            .map(|c| c.name.as_str())
-                            .unwrap_or("?"),
-                        entry.rel.namespace,
-                        entry.rel.name
-                    );
-                };
-                match v {
-                    TupleValue::Null => {
-                        datums.push(pg_sys::Datum::from(0));
-                        nulls.push(b'n' as c_char);
-                    }
-                    TupleValue::Text(bytes) => {
-                        let mut buf = Vec::with_capacity(bytes.len() + 1);
-                        buf.extend_from_slice(bytes);
-                        buf.push(0);
-                        let d = unsafe {
-                            pg_sys::OidInputFunctionCall(
-                                col.input_fn,
-                                buf.as_mut_ptr() as *mut c_char,
-                                col.ioparam,
-                                col.typmod,
-                            )
-                        };
-                        datums.push(d);
-                        nulls.push(b' ' as c_char);
-                    }
-                    TupleValue::Binary(_) => {
-                        pgrx::error!("binary pgoutput values are not requested and not supported");
-                    }
-                    TupleValue::Unchanged => {
-                        pgrx::error!("an unchanged TOAST value cannot be used as a key");
-                    }
-                }
-            }
-        }
-        unsafe { pg_sys::MemoryContextSwitchTo(old_cxt) };
-        let rc = unsafe {
-            pg_sys::SPI_execute_plan(plan, datums.as_mut_ptr(), nulls.as_ptr(), false, 0)
-        };
-        if rc < 0 {
-            pgrx::error!("SPI_execute_plan failed with code {rc}");
-        }
-        unsafe { pg_sys::SPI_processed }
-    }
-}
-
-/// How a column change reads in a log line or an error.
-fn describe_change(c: &ColumnChange) -> String {
-    match c {
-        ColumnChange::Rename { from, to } => {
-            format!("column \"{from}\" renamed to \"{to}\" or dropped while \"{to}\" was added")
-        }
-        ColumnChange::Add { name, .. } => format!("column \"{name}\" added"),
-        ColumnChange::Drop { name } => format!("column \"{name}\" dropped"),
-        ColumnChange::Retype { name, .. } => format!("column \"{name}\" changed type"),
     }
 }
 
@@ -1737,7 +985,7 @@ pub fn copy_into(schema: &str, table: &str, columns: &[String], feed: Feed<'_>) 
             eof: false,
         })
     });
-    let result = crate::pgtxn::catch(|| unsafe {
+    let result = crate::apply::pgtxn::catch(|| unsafe {
         let rel = pg_sys::table_open(relid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
         pg_sys::addRangeTableEntryForRelation(

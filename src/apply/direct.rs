@@ -198,7 +198,7 @@ fn with_exec<R>(t: &Target, cxt: pg_sys::MemoryContext, f: impl FnOnce(&Exec) ->
             // definition changed since the target was prepared (a DBA's DDL
             // committed meanwhile), nothing cached about it may be used.
             let natts = usize::try_from((*(*rel).rd_att).natts).unwrap_or(0);
-            if natts != t.natts || crate::relcache::is_pending(t.relid) {
+            if natts != t.natts || crate::apply::relcache::is_pending(t.relid) {
                 raw::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
                 pg_sys::CurrentMemoryContext = old_cxt;
                 return None;
@@ -241,7 +241,7 @@ fn with_exec<R>(t: &Target, cxt: pg_sys::MemoryContext, f: impl FnOnce(&Exec) ->
         None => pgrx::error!(
             "destination table {} changed definition while a change was applied {}",
             t.relid.to_u32(),
-            crate::relcache::APPLY_AGAIN
+            crate::apply::relcache::APPLY_AGAIN
         ),
     }
 }

@@ -147,7 +147,8 @@ unsafe fn lone_expression(expr: &str) -> Result<*mut pg_sys::Node, String> {
 /// `default of column "d" of public.t`), is exactly one expression;
 /// returns it as it must be pasted (`paste`).
 pub fn expression(expr: &str, what: &str) -> String {
-    let checked = crate::pgtxn::in_subtransaction(|| unsafe { lone_expression(expr).map(|_| ()) });
+    let checked =
+        crate::apply::pgtxn::in_subtransaction(|| unsafe { lone_expression(expr).map(|_| ()) });
     match checked {
         Ok(Ok(())) => paste(expr),
         Ok(Err(why)) | Err(why) => refuse(format!(
@@ -197,7 +198,7 @@ pub unsafe fn only_trusted_functions(node: *mut pg_sys::Node) -> bool {
 /// is added without it and existing rows hold NULL.
 pub fn default_expression(expr: &str, what: &str) -> Option<String> {
     let pasted = expression(expr, what);
-    let untrusted = crate::pgtxn::in_subtransaction(|| unsafe {
+    let untrusted = crate::apply::pgtxn::in_subtransaction(|| unsafe {
         let raw = lone_expression(expr)?;
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
         let cooked =
@@ -257,7 +258,7 @@ pub fn check_domain_constraints(schema: &str, name: &str) {
         let Ok(c) = CString::new(e) else {
             pgrx::error!(
                 "a CHECK constraint of domain {} is unreadable",
-                crate::sqlgen::quote_ident(name)
+                crate::apply::sqlgen::quote_ident(name)
             );
         };
         let trusted = unsafe {
@@ -267,7 +268,7 @@ pub fn check_domain_constraints(schema: &str, name: &str) {
         if !trusted {
             refuse(format!(
                 "source CHECK constraint of domain {} calls a function that is not an immutable built-in; refused (a domain CHECK runs on every value applied)",
-                crate::sqlgen::quote_ident(name)
+                crate::apply::sqlgen::quote_ident(name)
             ));
         }
     }
@@ -310,7 +311,7 @@ pub fn check_generated_columns(schema: &str, table: &str, columns: &[String]) {
         let Ok(c) = CString::new(e) else {
             pgrx::error!(
                 "the generation expression of column {} is unreadable",
-                crate::sqlgen::quote_ident(&col)
+                crate::apply::sqlgen::quote_ident(&col)
             );
         };
         let trusted = unsafe {
@@ -320,8 +321,8 @@ pub fn check_generated_columns(schema: &str, table: &str, columns: &[String]) {
         if !trusted {
             refuse(format!(
                 "source generation expression of column {} of {} calls a function that is not an immutable built-in; refused (it is evaluated for every row written)",
-                crate::sqlgen::quote_ident(&col),
-                crate::sqlgen::qualified(schema, table)
+                crate::apply::sqlgen::quote_ident(&col),
+                crate::apply::sqlgen::qualified(schema, table)
             ));
         }
     }
@@ -355,7 +356,7 @@ unsafe fn parse_type(name: &CString) -> (pg_sys::Oid, i32) {
 /// result is this server's `format_type` of it, typmod included. Raises an
 /// ERROR otherwise.
 pub fn builtin_type(text: &str, what: &str) -> String {
-    let resolved = crate::pgtxn::in_subtransaction(|| {
+    let resolved = crate::apply::pgtxn::in_subtransaction(|| {
         let name = c_string(text)?;
         let (oid, typmod) = unsafe { parse_type(&name) };
         let row = Spi::get_two_with_args::<bool, String>(

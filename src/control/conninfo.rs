@@ -170,8 +170,8 @@ impl ConnInfo {
     /// The TLS options of the connector's data, checked: a known `sslmode`,
     /// a root certificate for the verify modes, a key only with a
     /// certificate. The files themselves are read when it connects.
-    pub fn tls(&self) -> Result<crate::tls::Options, ConfigError> {
-        let mode = crate::tls::SslMode::parse(&self.sslmode)
+    pub fn tls(&self) -> Result<crate::source::tls::Options, ConfigError> {
+        let mode = crate::source::tls::SslMode::parse(&self.sslmode)
             .ok_or_else(|| ConfigError::BadSslMode(self.sslmode.clone()))?;
         let path = |v: &str| {
             if is_null_word(Some(v)) {
@@ -180,7 +180,7 @@ impl ConnInfo {
                 v.trim().to_string()
             }
         };
-        let opts = crate::tls::Options {
+        let opts = crate::source::tls::Options {
             mode,
             rootcert: path(&self.sslrootcert),
             cert: path(&self.sslcert),
@@ -742,7 +742,7 @@ mod tests {
     fn tls_options() {
         let c = sample();
         let t = c.tls().expect("defaults");
-        assert_eq!(t.mode, crate::tls::SslMode::Prefer);
+        assert_eq!(t.mode, crate::source::tls::SslMode::Prefer);
         assert!(!t.allow_cleartext_password);
         let mut v = serde_json::to_value(&c).unwrap();
         v["sslmode"] = serde_json::json!("VERIFY-FULL");
@@ -751,7 +751,7 @@ mod tests {
         v["allow_cleartext_password"] = serde_json::json!("on");
         let e = ConnInfo::from_json(&v).unwrap();
         let t = e.tls().unwrap();
-        assert_eq!(t.mode, crate::tls::SslMode::VerifyFull);
+        assert_eq!(t.mode, crate::source::tls::SslMode::VerifyFull);
         assert_eq!(t.rootcert, "/etc/ca.pem");
         assert_eq!(t.cert, "");
         assert!(t.allow_cleartext_password);

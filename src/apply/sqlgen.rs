@@ -3,7 +3,7 @@
 //! shape, and the INSERT / UPDATE / DELETE statements prepared for apply.
 //! Values are never spliced in: statements use `$n` parameters. Pure logic.
 
-use crate::conninfo::TableRef;
+use crate::control::conninfo::TableRef;
 use std::collections::HashMap;
 
 /// Quotes an identifier unconditionally (always valid, and never confused

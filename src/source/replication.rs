@@ -1,5 +1,5 @@
 //! The replication-protocol client: a walsender session on the source
-//! (TLS as the connector's sslmode says, through `crate::tls`; startup with
+//! (TLS as the connector's sslmode says, through `crate::source::tls`; startup with
 //! `replication=database`; SCRAM-SHA-256, with channel binding
 //! (SCRAM-SHA-256-PLUS) over TLS, MD5 or password authentication, the
 //! password never sent in cleartext over an unencrypted connection unless
@@ -40,7 +40,7 @@ pub enum ReplError {
     #[error("protocol violation: {0}")]
     Protocol(String),
     #[error("{0}")]
-    CleartextRefused(crate::tls::CleartextRefused),
+    CleartextRefused(crate::source::tls::CleartextRefused),
 }
 
 impl ReplError {
@@ -57,8 +57,8 @@ impl ReplError {
 }
 
 fn io(e: std::io::Error) -> ReplError {
-    if crate::tls::is_cleartext_refusal(&e) {
-        return ReplError::CleartextRefused(crate::tls::CleartextRefused);
+    if crate::source::tls::is_cleartext_refusal(&e) {
+        return ReplError::CleartextRefused(crate::source::tls::CleartextRefused);
     }
     ReplError::Io(e.to_string())
 }
@@ -76,7 +76,7 @@ pub struct Config {
     /// Session settings (`-c name=value ...`).
     pub options: String,
     /// sslmode and the PEM files (read at each connection).
-    pub tls: crate::tls::Options,
+    pub tls: crate::source::tls::Options,
 }
 
 /// One frame of the backend protocol: type byte and body.
@@ -135,7 +135,7 @@ fn be_u64(b: &[u8], at: usize) -> Result<u64, ReplError> {
 }
 
 struct Conn {
-    stream: crate::tls::Stream,
+    stream: crate::source::tls::Stream,
     buf: BytesMut,
     out: BytesMut,
 }
@@ -174,7 +174,8 @@ impl Session {
     }
 
     async fn connect_inner(cfg: &Config) -> Result<Session, ReplError> {
-        let connector = crate::tls::Connector::new(&cfg.tls, &cfg.host).map_err(ReplError::Io)?;
+        let connector =
+            crate::source::tls::Connector::new(&cfg.tls, &cfg.host).map_err(ReplError::Io)?;
         let attempts = connector.attempts();
         let mut last = ReplError::Io("no connection attempt was made".into());
         for (i, attempt) in attempts.iter().enumerate() {
@@ -193,7 +194,10 @@ impl Session {
     }
 
     /// The startup message and authentication on an open stream.
-    async fn startup(cfg: &Config, stream: crate::tls::Stream) -> Result<Session, ReplError> {
+    async fn startup(
+        cfg: &Config,
+        stream: crate::source::tls::Stream,
+    ) -> Result<Session, ReplError> {
         let mut conn = Conn {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),
@@ -243,7 +247,7 @@ impl Session {
                             // allowed.
                             if !conn.stream.verified() && !cfg.tls.allow_cleartext_password {
                                 return Err(ReplError::CleartextRefused(
-                                    crate::tls::CleartextRefused,
+                                    crate::source::tls::CleartextRefused,
                                 ));
                             }
                             frontend::password_message(cfg.password.as_bytes(), &mut conn.out)
@@ -758,7 +762,7 @@ mod tests {
             code: "28000".into()
         }
         .rejects_plain());
-        assert!(ReplError::CleartextRefused(crate::tls::CleartextRefused).rejects_plain());
+        assert!(ReplError::CleartextRefused(crate::source::tls::CleartextRefused).rejects_plain());
         assert!(!ReplError::Io("refused".into()).rejects_plain());
     }
 
@@ -799,8 +803,8 @@ mod tests {
                 dbname: "d".into(),
                 application_name: "t".into(),
                 options: String::new(),
-                tls: crate::tls::Options {
-                    mode: crate::tls::SslMode::Disable,
+                tls: crate::source::tls::Options {
+                    mode: crate::source::tls::SslMode::Disable,
                     ..Default::default()
                 },
             };

@@ -4,10 +4,10 @@
 //! types and tables, and following source schema changes announced by
 //! pgoutput Relation messages (added, dropped, renamed and retyped columns).
 
-use crate::conninfo::TableRef;
-use crate::decode::Relation;
-use crate::source::{ColumnType, SourceTable, UserType};
-use crate::sqlgen;
+use crate::apply::sqlgen;
+use crate::control::conninfo::TableRef;
+use crate::source::catalog::{ColumnType, SourceTable, UserType};
+use crate::source::decode::Relation;
 use pgrx::prelude::*;
 
 /// Runs DDL, raising its ERROR.
@@ -59,7 +59,7 @@ pub fn rename_table_state(connector: &str, old: &TableRef, new: &TableRef, dst_t
 
 fn run(sql: &str) {
     // One statement per call: text from the source cannot have added one.
-    crate::untrusted::single_statement(sql);
+    crate::apply::untrusted::single_statement(sql);
     if let Err(e) = Spi::run(sql) {
         pgrx::error!("{e}");
     }
@@ -86,7 +86,7 @@ fn exists_type(schema: &str, name: &str) -> bool {
 /// resolved, and written by this server's `format_type`).
 pub fn type_sql(ty: &ColumnType, dst_schema: &str, what: &str) -> String {
     match ty {
-        ColumnType::Builtin(s) => crate::untrusted::builtin_type(s, what),
+        ColumnType::Builtin(s) => crate::apply::untrusted::builtin_type(s, what),
         ColumnType::User { name, dims } => {
             sqlgen::with_dims(&sqlgen::qualified(dst_schema, name), *dims)
         }
@@ -162,7 +162,7 @@ pub fn ensure_user_types(types: &[UserType], dst_schema: &str) {
         };
         run(&ddl);
         if matches!(t, UserType::Domain { .. }) {
-            crate::untrusted::check_domain_constraints(dst_schema, t.name());
+            crate::apply::untrusted::check_domain_constraints(dst_schema, t.name());
         }
         pgrx::log!("synchdb: created type {dst_schema}.{}", t.name());
     }
@@ -176,17 +176,17 @@ fn domain_checks(domain: &str, checks: &[String]) -> Vec<String> {
     let what = format!("CHECK constraint of domain {}", sqlgen::quote_ident(domain));
     let mut out = Vec::new();
     for def in checks {
-        let Some((expr, not_valid)) = crate::untrusted::split_domain_check(def) else {
-            crate::untrusted::refuse(format!(
+        let Some((expr, not_valid)) = crate::apply::untrusted::split_domain_check(def) else {
+            crate::apply::untrusted::refuse(format!(
                 "source {what} is not a CHECK constraint; refused: {}",
-                crate::untrusted::shown(def)
+                crate::apply::untrusted::shown(def)
             ));
         };
-        let pasted = crate::untrusted::expression(expr, &what);
+        let pasted = crate::apply::untrusted::expression(expr, &what);
         if not_valid {
             pgrx::warning!(
                 "synchdb: source {what} is NOT VALID and is left out in the destination: {}",
-                crate::untrusted::shown(def)
+                crate::apply::untrusted::shown(def)
             );
             continue;
         }
@@ -280,7 +280,7 @@ pub fn create_table(
             ),
             not_null: c.not_null,
             generated: c.generated.as_deref().map(|g| {
-                crate::untrusted::expression(
+                crate::apply::untrusted::expression(
                     g,
                     &format!(
                         "generation expression of column \"{}\" of {}",
@@ -292,7 +292,11 @@ pub fn create_table(
         .collect();
     let pk: &[String] = if defer_pk { &[] } else { &shape.primary_key };
     run(&sqlgen::create_table(dst_schema, dst_table, &cols, pk));
-    crate::untrusted::check_generated_columns(dst_schema, dst_table, &generated_columns(shape));
+    crate::apply::untrusted::check_generated_columns(
+        dst_schema,
+        dst_table,
+        &generated_columns(shape),
+    );
     true
 }
 
@@ -646,7 +650,7 @@ pub fn reshape_for_copy(
             None => {
                 let mut d = format!("ALTER TABLE {target} ADD COLUMN {col} {ty}");
                 if let Some(g) = &c.generated {
-                    let g = crate::untrusted::expression(
+                    let g = crate::apply::untrusted::expression(
                         g,
                         &format!("generation expression of {what}"),
                     );
@@ -674,7 +678,11 @@ pub fn reshape_for_copy(
             ));
         }
     }
-    crate::untrusted::check_generated_columns(dst_schema, dst_table, &generated_columns(shape));
+    crate::apply::untrusted::check_generated_columns(
+        dst_schema,
+        dst_table,
+        &generated_columns(shape),
+    );
     !shape.primary_key.is_empty() && pk != shape.primary_key
 }
 

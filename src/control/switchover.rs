@@ -6,10 +6,10 @@
 //! their values from them on the source). Both open a short-lived source
 //! connection of their own; the password never appears in what they say.
 
-use crate::api::{load_conninfo, my_database, raise, unknown_connector};
-use crate::conninfo::{ConnInfo, TableRef};
-use crate::source::{self, describe_pg_error, SourceError};
-use crate::sqlgen::{self, qualified, quote_ident, quote_literal};
+use crate::apply::sqlgen::{self, qualified, quote_ident, quote_literal};
+use crate::control::api::{load_conninfo, my_database, raise, unknown_connector};
+use crate::control::conninfo::{ConnInfo, TableRef};
+use crate::source::catalog::{self as source, describe_pg_error, SourceError};
 use pgrx::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -146,14 +146,14 @@ fn synchdb_switchover_rows(
     // The stream's position: the end of the last applied transaction, or
     // of the WAL the source reported between transactions once everything
     // before it was applied (kept by the worker in shared memory)...
-    let streamed = crate::shmem::stats(dboid)
+    let streamed = crate::control::shmem::stats(dboid)
         .into_iter()
         .find(|(n, _)| n == name)
         .map(|(_, s)| s.applied_lsn)
         .unwrap_or(0);
     // ... and the replication origin, committed with every applied
     // transaction (what survives a restart of the destination).
-    let origin = crate::worker::object_name(name);
+    let origin = crate::control::worker::object_name(name);
     let committed = match Spi::get_one_with_args::<String>(
         "SELECT remote_lsn::text FROM pg_catalog.pg_replication_origin_status WHERE external_id = $1",
         &[origin.as_str().into()],
@@ -170,7 +170,7 @@ fn synchdb_switchover_rows(
         Ok(n) => n.unwrap_or(0),
         Err(e) => spi_failed(e),
     };
-    let state = match crate::shmem::get(dboid, name) {
+    let state = match crate::control::shmem::get(dboid, name) {
         Some(s) if s.pid >= 0 => s.state.as_str().to_string(),
         _ => "stopped".to_string(),
     };
@@ -245,7 +245,7 @@ enum SyncError {
 async fn table_sequences(client: &Client, t: &TableRef) -> Result<Vec<SourceSequence>, SyncError> {
     let rows = client
         .query(
-            include_str!("../sql/source_sequences.sql"),
+            include_str!("../../sql/source_sequences.sql"),
             &[&t.schema, &t.table],
         )
         .await
@@ -474,7 +474,7 @@ fn synchdb_sync_sequences(
             continue;
         };
         let table = qualified(dst_schema, dst_table);
-        if crate::schema::relid(dst_schema, dst_table).is_none() {
+        if crate::apply::schema::relid(dst_schema, dst_table).is_none() {
             if !seqs.is_empty() {
                 pgrx::warning!(
                     "destination table {table} of source table {t} does not exist; its sequences are not set"

@@ -13,8 +13,8 @@
 //! the source deparses them; the result must parse as exactly one CREATE
 //! INDEX of the expected name on the expected table before it runs.
 
-use crate::source::{SourceError, SourceTable};
-use crate::sqlgen::{qualified, quote_ident};
+use crate::apply::sqlgen::{qualified, quote_ident};
+use crate::source::catalog::{SourceError, SourceTable};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::{CStr, CString};
@@ -352,7 +352,7 @@ fn block<F: std::future::Future>(rt: &tokio::runtime::Runtime, fut: F) -> F::Out
         match r {
             Ok(v) => return v,
             Err(_) => {
-                if crate::worker::stopping() {
+                if crate::control::worker::stopping() {
                     pgrx::error!("the connector is stopping");
                 }
             }
@@ -393,7 +393,7 @@ pub fn copy_indexes(
     if list.is_empty() {
         return;
     }
-    let Some(table_oid) = crate::schema::relid(dst_schema, dst_table) else {
+    let Some(table_oid) = crate::apply::schema::relid(dst_schema, dst_table) else {
         return;
     };
     let mut built = 0;
@@ -411,7 +411,7 @@ pub fn copy_indexes(
                 continue;
             }
         }
-        match crate::pgtxn::in_subtransaction(|| build_index(ix, dst_schema, dst_table)) {
+        match crate::apply::pgtxn::in_subtransaction(|| build_index(ix, dst_schema, dst_table)) {
             Ok(()) => built += 1,
             Err(e) => pgrx::warning!(
                 "connector \"{connector}\": index {} of source table {t} could not be created on {}: {e}",
@@ -502,7 +502,7 @@ mod raw {
 /// building the index evaluates them, as the worker, for every row. The
 /// statement is analyzed here (its names resolved), not run.
 fn only_trusted_functions_in(sql: &str, dst_schema: &str, dst_table: &str) -> bool {
-    let Some(relid) = crate::schema::relid(dst_schema, dst_table) else {
+    let Some(relid) = crate::apply::schema::relid(dst_schema, dst_table) else {
         pgrx::error!(
             "destination table {} is gone",
             qualified(dst_schema, dst_table)
@@ -534,12 +534,14 @@ fn only_trusted_functions_in(sql: &str, dst_schema: &str, dst_table: &str) -> bo
         let elems = pgrx::PgList::<pg_sys::IndexElem>::from_pg((*st).indexParams);
         let exprs_ok = elems
             .iter_ptr()
-            .all(|e| e.is_null() || crate::untrusted::only_trusted_functions((*e).expr));
+            .all(|e| e.is_null() || crate::apply::untrusted::only_trusted_functions((*e).expr));
         let including = pgrx::PgList::<pg_sys::IndexElem>::from_pg((*st).indexIncludingParams);
         let including_ok = including
             .iter_ptr()
-            .all(|e| e.is_null() || crate::untrusted::only_trusted_functions((*e).expr));
-        exprs_ok && including_ok && crate::untrusted::only_trusted_functions((*st).whereClause)
+            .all(|e| e.is_null() || crate::apply::untrusted::only_trusted_functions((*e).expr));
+        exprs_ok
+            && including_ok
+            && crate::apply::untrusted::only_trusted_functions((*st).whereClause)
     }
 }
 

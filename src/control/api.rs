@@ -3,8 +3,8 @@
 //! function behind `synchdb_state_view`. Validates input, turns every failure
 //! into an ERROR with a real SQLSTATE, and starts/stops connector workers.
 
-use crate::conninfo::{self, ConfigError, ConnInfo, Mode};
-use crate::shmem::{self, Claim};
+use crate::control::conninfo::{self, ConfigError, ConnInfo, Mode};
+use crate::control::shmem::{self, Claim};
 use pgrx::bgworkers::{BackgroundWorkerBuilder, BackgroundWorkerStatus};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// Raises an ERROR (or the given level) with SQLSTATE, detail and hint.
 pub fn raise(code: PgSqlErrorCode, msg: String, detail: Option<String>, hint: Option<&str>) -> ! {
     // The failing statement may carry a password: the log gets the message only.
-    crate::secrets::hide_statement();
+    crate::control::secrets::hide_statement();
     let mut r = pgrx::pg_sys::panic::ErrorReport::new(code, msg, "synchdb");
     if let Some(d) = detail {
         r = r.set_detail(d);
@@ -87,7 +87,7 @@ pub fn load_conninfo(name: &str) -> Option<(bool, ConnInfo)> {
     );
     match row {
         Ok((Some(active), Some(data))) => match ConnInfo::from_json(&data.0) {
-            Ok(info) => Some((active, crate::secrets::fill_password(name, info))),
+            Ok(info) => Some((active, crate::control::secrets::fill_password(name, info))),
             Err(e) => config_error(e),
         },
         Ok(_) => None,
@@ -111,7 +111,7 @@ fn synchdb_add_conninfo(
     connector: Option<&str>,
 ) -> i32 {
     // The statement carries the password: whatever fails, it is not logged.
-    crate::secrets::hide_statement();
+    crate::control::secrets::hide_statement();
     let name = name.unwrap_or_default();
     if let Err(e) = conninfo::check_name(name) {
         config_error(e);
@@ -168,7 +168,7 @@ fn synchdb_add_conninfo(
     ) {
         spi_error(e);
     }
-    let object = crate::conninfo::unique_object_name(
+    let object = crate::control::conninfo::unique_object_name(
         name,
         unsafe { pg_sys::GetSystemIdentifier() },
         my_database().to_u32(),
@@ -197,7 +197,7 @@ fn synchdb_add_extra_conninfo(
     ssl_truststore_pass: Option<&str>,
 ) -> i32 {
     // The statement carries passphrases: whatever fails, it is not logged.
-    crate::secrets::hide_statement();
+    crate::control::secrets::hide_statement();
     let name = name.unwrap_or_default();
     let Some((_, mut info)) = load_conninfo(name) else {
         unknown_connector(name)
@@ -209,7 +209,7 @@ fn synchdb_add_extra_conninfo(
             v.unwrap_or_default().trim().to_string()
         }
     };
-    let mode = match crate::tls::SslMode::parse(&given(sslmode)) {
+    let mode = match crate::source::tls::SslMode::parse(&given(sslmode)) {
         Some(m) => m,
         None => config_error(ConfigError::BadSslMode(
             sslmode.unwrap_or_default().to_string(),
@@ -277,8 +277,8 @@ fn synchdb_del_conninfo(name: &str) -> i32 {
         unknown_connector(name)
     };
     stop_worker(name, Duration::from_secs(30));
-    crate::worker::drop_source_objects(name, &info);
-    crate::worker::drop_local_origin(name);
+    crate::control::worker::drop_source_objects(name, &info);
+    crate::control::worker::drop_local_origin(name);
     if let Err(e) = Spi::run_with_args(
         "DELETE FROM public.synchdb_conninfo WHERE name = $1",
         &[name.into()],
@@ -562,7 +562,7 @@ fn synchdb_object_name(name: &str) -> String {
     if load_conninfo(name).is_none() {
         unknown_connector(name);
     }
-    crate::worker::object_name(name)
+    crate::control::worker::object_name(name)
 }
 
 /// Zeroes a connector's statistics.

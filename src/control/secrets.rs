@@ -8,7 +8,7 @@
 //! keeps the statement of a failing call that carries a secret out of the
 //! server log.
 
-use crate::conninfo::ConnInfo;
+use crate::control::conninfo::ConnInfo;
 use pgrx::prelude::*;
 
 /// Before an ERROR raised by a synchdb function: the server log gets the
@@ -101,8 +101,8 @@ pub fn passfile_lookup(text: &str, host: &str, port: &str, db: &str, user: &str)
 #[pg_extern]
 fn synchdb_set_password(name: &str, pwd: Option<&str>) -> i32 {
     hide_statement();
-    if crate::api::load_conninfo(name).is_none() {
-        crate::api::unknown_connector(name);
+    if crate::control::api::load_conninfo(name).is_none() {
+        crate::control::api::unknown_connector(name);
     }
     let r = match pwd {
         Some(p) => Spi::run_with_args(
@@ -122,7 +122,7 @@ fn synchdb_set_password(name: &str, pwd: Option<&str>) -> i32 {
         )
     });
     if let Err(e) = r {
-        crate::api::raise(
+        crate::control::api::raise(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             format!("synchdb catalog access failed: {e}"),
             None,

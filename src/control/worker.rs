@@ -3,8 +3,8 @@
 //! entry point of a connector worker, which sets up signals, shared memory
 //! and the database connection and then hands over to `engine`.
 
-use crate::conninfo::{self, ConnInfo, Mode};
-use crate::shmem::{self, Stage, State, WorkerSlot};
+use crate::control::conninfo::{self, ConnInfo, Mode};
+use crate::control::shmem::{self, Stage, State, WorkerSlot};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
 };
@@ -29,7 +29,7 @@ pub fn register_launcher() {
 #[no_mangle]
 pub extern "C-unwind" fn synchdb_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let db = crate::gucs::launcher_database();
+    let db = crate::control::gucs::launcher_database();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     let dbs: Vec<pg_sys::Oid> = BackgroundWorker::transaction(|| {
         Spi::connect(|client| {
@@ -109,8 +109,8 @@ pub extern "C-unwind" fn synchdb_starter_main(arg: pg_sys::Datum) {
     });
     for (name, mode) in connectors {
         let mode = Mode::parse(&mode).unwrap_or(Mode::Initial);
-        match crate::api::start_worker(dboid, &name, mode) {
-            Ok(_) | Err(crate::api::StartError::AlreadyRunning(_)) => {
+        match crate::control::api::start_worker(dboid, &name, mode) {
+            Ok(_) | Err(crate::control::api::StartError::AlreadyRunning(_)) => {
                 pgrx::log!(
                     "synchdb: started connector \"{name}\" (mode {})",
                     mode.as_str()
@@ -182,7 +182,7 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
     // "disabled" (1e10), which would make every execution compile itself
     // with JIT (seconds per change): jit is off. Text from the source is read
     // under the same settings it was written with (see source::PINNED_OPTIONS).
-    let settings = crate::pgtxn::run(|| {
+    let settings = crate::apply::pgtxn::run(|| {
         Spi::run(
             "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off; SET datestyle = 'ISO'; SET intervalstyle = 'postgres'; SET lc_monetary = 'C'; SET standard_conforming_strings = on",
         )
@@ -218,7 +218,7 @@ pub fn object_name(name: &str) -> String {
 /// WARNING naming what is left behind; the connector is deleted anyway.
 pub fn drop_source_objects(name: &str, info: &ConnInfo) {
     let object = object_name(name);
-    match crate::source::drop_objects(info, &object) {
+    match crate::source::catalog::drop_objects(info, &object) {
         Ok(()) => {}
         Err(e) => pgrx::warning!(
             "could not drop replication slot and publication \"{object}\" on the source: {e}; drop them by hand on the source with SELECT pg_drop_replication_slot('{object}'); DROP PUBLICATION \"{object}\";"

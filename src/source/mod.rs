@@ -1,0 +1,10 @@
+//! The source side of a connector, plain Rust on the worker's tokio runtime
+//! (nothing here calls into PostgreSQL): normal connections with their
+//! version dialects, catalog queries, publication and slot management and
+//! snapshot COPY (`catalog`), the replication-protocol client (`replication`),
+//! TLS for both kinds of connection (`tls`) and pgoutput decoding (`decode`).
+
+pub mod catalog;
+pub mod decode;
+pub mod replication;
+pub mod tls;

@@ -30,7 +30,9 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     shmem::init();
-    worker::register_launcher();
+    if gucs::auto_launcher() {
+        worker::register_launcher();
+    }
 }
 
 #[cfg(test)]

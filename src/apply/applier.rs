@@ -216,6 +216,9 @@ pub struct Applier<'c> {
     xact_seq: u64,
     /// Changes to skip, (final_lsn, index in its transaction), set by the skip strategy.
     pub skip: Vec<(u64, u64)>,
+    /// Operation kinds not applied (`synchdb.skipped_operations`), read at
+    /// each remote BEGIN so a transaction is never split by a reload.
+    skip_ops: u8,
     /// The source relation (OID) of the change being applied, for error
     /// context; its name is in `names_by_relid`.
     current_rel_id: Option<u32>,
@@ -265,6 +268,7 @@ impl<'c> Applier<'c> {
             in_change: false,
             xact_seq: 0,
             skip: Vec::new(),
+            skip_ops: 0,
             current_rel_id: None,
             last: Position::default(),
             counters: Counters::default(),
@@ -288,6 +292,7 @@ impl<'c> Applier<'c> {
         self.xid = xid;
         self.commit_ts = commit_ts;
         self.change_idx = 0;
+        self.skip_ops = crate::control::gucs::skipped_operations();
     }
 
     /// Commits the local transaction, recording the remote commit position
@@ -384,6 +389,11 @@ impl<'c> Applier<'c> {
         self.change_idx += 1;
         self.last.lsn_proc = wal_start.max(self.last.lsn_proc);
         self.last.message_type = kind;
+        if self.skip_ops & crate::control::compat::skip_bit(kind) != 0 {
+            // Configured away: counted, never applied (not even in part).
+            self.counters.skipped += 1;
+            return false;
+        }
         if self.skip.contains(&(self.final_lsn, idx)) {
             self.counters.skipped += 1;
             pgrx::warning!(

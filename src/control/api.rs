@@ -40,6 +40,22 @@ fn config_error(e: ConfigError) -> ! {
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             Some("Give 'null' for every table of the schema, or a comma-separated list of schema.table entries."),
         ),
+        ConfigError::BadRegex { .. } => (
+            PgSqlErrorCode::ERRCODE_INVALID_REGULAR_EXPRESSION,
+            Some("An entry that is not a plain schema.table name is a regular expression matched against the whole schema.table name (README, \"Table lists\")."),
+        ),
+        ConfigError::TableFile { missing: true, .. } => (
+            PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+            Some("The path after file: is read by the server's operating system user; give an absolute path."),
+        ),
+        ConfigError::TableFile { .. } => (
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            Some("The path after file: is read by the server's operating system user; give an absolute path."),
+        ),
+        ConfigError::BadTableFile { .. } => (
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            Some("A table list file is a JSON object such as {\"table_list\": [\"public.orders\"], \"snapshot_table_list\": [\"public.orders\"]}."),
+        ),
         ConfigError::BadStored(_) => (
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             Some("Fix the row in synchdb_conninfo or delete and add the connector again."),
@@ -55,6 +71,32 @@ fn config_error(e: ConfigError) -> ! {
         _ => (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, None),
     };
     raise(code, e.to_string(), None, hint)
+}
+
+/// A `file:` table list is read by the server: only for roles that may
+/// read server files (as `pg_read_file`).
+fn check_list_file_privilege(info: &ConnInfo) {
+    let uses_file = [&info.table, &info.snapshottable]
+        .iter()
+        .any(|v| crate::control::tablelist::file_path(v).is_some());
+    if !uses_file {
+        return;
+    }
+    let allowed = unsafe {
+        pg_sys::superuser()
+            || pg_sys::has_privs_of_role(
+                pg_sys::GetUserId(),
+                pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES),
+            )
+    };
+    if !allowed {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "permission denied to read a table list file".into(),
+            None,
+            Some("Only superusers and roles with privileges of pg_read_server_files may use file: table lists."),
+        );
+    }
 }
 
 fn spi_error(e: pgrx::spi::Error) -> ! {
@@ -142,6 +184,7 @@ fn synchdb_add_conninfo(
         allow_cleartext_password: false,
         apply_as_table_owner: false,
     };
+    check_list_file_privilege(&info);
     if let Err(e) = info.validate() {
         config_error(e);
     }
@@ -381,13 +424,17 @@ fn synchdb_set_offset(name: &str, lsn: &str) -> i32 {
     if load_conninfo(name).is_none() {
         unknown_connector(name);
     }
-    let value = match crate::lsn::parse_lsn(lsn.trim()) {
+    // X/Y, an integer, or the JSON of last_dbz_offset (its "lsn").
+    let value = match crate::control::compat::parse_offset(lsn) {
         Ok(v) if v > 0 => v,
-        _ => raise(
+        other => raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("invalid LSN \"{lsn}\""),
-            None,
-            Some("Give an LSN as X/Y (e.g. 0/1A2B3C4) or as the integer shown in last_dbz_offset."),
+            format!(
+                "invalid offset \"{}\"",
+                lsn.trim().chars().take(200).collect::<String>()
+            ),
+            other.err(),
+            Some("Give an LSN as X/Y (e.g. 0/1A2B3C4), as an integer, or the JSON shown in last_dbz_offset of synchdb_state_view (its \"lsn\" is used)."),
         ),
     };
     match shmem::get(my_database(), name) {
@@ -443,7 +490,7 @@ fn start_connector(name: &str, mode: &str) -> i32 {
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             "out of synchdb connector slots".into(),
             None,
-            Some("You might need to increase synchdb.max_connectors."),
+            Some("You might need to increase synchdb.max_connectors (SynchDB: synchdb.max_connector_workers)."),
         ),
         Err(StartError::NoWorker) => raise(
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,

@@ -152,8 +152,8 @@ impl ConnInfo {
             return Err(ConfigError::Empty("srcdb"));
         }
         check_connector(&self.connector)?;
-        parse_table_list("table", Some(&self.table), &self.srcdb)?;
-        parse_table_list("snapshottable", Some(&self.snapshottable), &self.srcdb)?;
+        crate::control::tablelist::parse("table", Some(&self.table), &self.srcdb)?;
+        crate::control::tablelist::parse("snapshottable", Some(&self.snapshottable), &self.srcdb)?;
         if is_null_word(Some(&self.table)) {
             if self.srcschema.trim().is_empty() || is_null_word(Some(&self.srcschema)) {
                 return Err(ConfigError::Empty("srcschema"));
@@ -217,14 +217,17 @@ impl ConnInfo {
         parse_ident("srcschema", self.srcschema.trim())
     }
 
-    /// The explicit table list, or `None` for "every table of srcschema".
-    pub fn tables(&self) -> Result<Option<Vec<TableRef>>, ConfigError> {
-        parse_table_list("table", Some(&self.table), &self.srcdb)
+    /// What `table` selects (names and patterns; a `file:` list is read
+    /// now), or `None` for "every table of srcschema".
+    pub fn tables(&self) -> Result<Option<crate::control::tablelist::Selection>, ConfigError> {
+        crate::control::tablelist::parse("table", Some(&self.table), &self.srcdb)
     }
 
     /// The tables to re-snapshot in mode `always`, or `None` for all.
-    pub fn snapshot_tables(&self) -> Result<Option<Vec<TableRef>>, ConfigError> {
-        parse_table_list("snapshottable", Some(&self.snapshottable), &self.srcdb)
+    pub fn snapshot_tables(
+        &self,
+    ) -> Result<Option<crate::control::tablelist::Selection>, ConfigError> {
+        crate::control::tablelist::parse("snapshottable", Some(&self.snapshottable), &self.srcdb)
     }
 }
 
@@ -246,6 +249,25 @@ pub enum ConfigError {
     BadTable {
         arg: &'static str,
         entry: String,
+        reason: String,
+    },
+    #[error("argument \"{arg}\" has a malformed entry \"{entry}\": {reason}")]
+    BadRegex {
+        arg: &'static str,
+        entry: String,
+        reason: String,
+    },
+    #[error("argument \"{arg}\": could not read table list file \"{path}\": {reason}")]
+    TableFile {
+        arg: &'static str,
+        path: String,
+        reason: String,
+        missing: bool,
+    },
+    #[error("argument \"{arg}\": table list file \"{path}\" is malformed: {reason}")]
+    BadTableFile {
+        arg: &'static str,
+        path: String,
         reason: String,
     },
     #[error("argument \"{arg}\" is not a valid identifier: {reason}")]

@@ -33,16 +33,24 @@ static SNAPSHOT_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 102
 static MAX_RETRY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 
 pub fn init() {
-    GucRegistry::define_int_guc(
-        c"synchdb.max_connectors",
-        c"Maximum number of synchdb connectors (shared memory slots).",
-        c"Each connector that runs, or ran since the server started, takes one slot.",
-        &MAX_CONNECTORS,
-        1,
-        1024,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    // Both names of the slot limit note whether they were set (see
+    // `max_connectors`).
+    unsafe {
+        GucRegistry::define_int_guc_with_hooks(
+            c"synchdb.max_connectors",
+            c"Maximum number of synchdb connectors (shared memory slots).",
+            c"Each connector that runs, or ran since the server started, takes one slot. SynchDB's synchdb.max_connector_workers is the same limit.",
+            &MAX_CONNECTORS,
+            1,
+            1024,
+            GucContext::Postmaster,
+            GucFlags::default(),
+            Some(note_max_connectors_set),
+            None,
+            None,
+        );
+    }
+    init_compat();
     GucRegistry::define_enum_guc(
         c"synchdb.error_handling_strategy",
         c"What a connector does with a change it cannot apply: exit, skip or retry.",
@@ -81,8 +89,23 @@ pub fn init() {
     );
 }
 
+/// The connector slot limit: `synchdb.max_connectors` or SynchDB's
+/// `synchdb.max_connector_workers`, whichever was set (in
+/// postgresql.conf, on the command line...); the larger when both were,
+/// the default (30) when neither was.
 pub fn max_connectors() -> usize {
-    usize::try_from(MAX_CONNECTORS.get()).unwrap_or(1).max(1)
+    use std::sync::atomic::Ordering;
+    let ours = MAX_CONNECTORS.get();
+    let theirs = MAX_CONNECTOR_WORKERS.get();
+    let n = match (
+        MAX_CONNECTORS_SET.load(Ordering::Relaxed),
+        MAX_CONNECTOR_WORKERS_SET.load(Ordering::Relaxed),
+    ) {
+        (true, false) => ours,
+        (false, true) => theirs,
+        _ => ours.max(theirs),
+    };
+    usize::try_from(n).unwrap_or(1).max(1)
 }
 
 pub fn error_strategy() -> ErrorStrategy {
@@ -102,4 +125,183 @@ pub fn snapshot_batch_bytes() -> usize {
 
 pub fn max_retry_interval() -> std::time::Duration {
     std::time::Duration::from_secs(u64::try_from(MAX_RETRY_INTERVAL_S.get()).unwrap_or(30))
+}
+
+// ---- SynchDB's names and smaller behaviours (README, "Settings") ----
+
+/// SynchDB's name of the connector slot limit (see `max_connectors`).
+static MAX_CONNECTOR_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(30);
+static MAX_CONNECTORS_SET: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+static MAX_CONNECTOR_WORKERS_SET: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the launcher starts active connectors again at server start.
+static AUTO_LAUNCHER: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// Operation kinds not applied (SynchDB letters), under both names; the
+/// masks are kept by the assign hooks so that the per-change check is an
+/// atomic load.
+static SKIPPED_OPERATIONS: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(Some(c""));
+static DBZ_SKIPPED_OEPRATIONS: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(Some(c""));
+static SKIP_MASK: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static SKIP_MASK_ALIAS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Wait before streaming begins after a start (and its snapshot), in ms.
+static CDC_START_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+fn init_compat() {
+    unsafe {
+        GucRegistry::define_int_guc_with_hooks(
+            c"synchdb.max_connector_workers",
+            c"SynchDB's name of synchdb.max_connectors (connector slots).",
+            c"When only one of the two is set it is used; when both are, the larger.",
+            &MAX_CONNECTOR_WORKERS,
+            1,
+            1024,
+            GucContext::Postmaster,
+            GucFlags::default(),
+            Some(note_max_connector_workers_set),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_bool_guc(
+        c"synchdb.synchdb_auto_launcher",
+        c"Whether connectors that were active are started again when the server starts.",
+        c"Off: after a restart every connector stays stopped until synchdb_start_engine_bgw.",
+        &AUTO_LAUNCHER,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"synchdb.skipped_operations",
+            c"Kinds of source changes not applied: a comma-separated list of c (insert), u (update), d (delete), t (truncate).",
+            c"Empty (the default) applies everything. Skipped changes are counted. synchdb.dbz_skipped_oeprations is SynchDB's name; both lists apply.",
+            &SKIPPED_OPERATIONS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_skipped_operations),
+            Some(assign_skipped_operations),
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"synchdb.dbz_skipped_oeprations",
+            c"SynchDB's (misspelled) name of synchdb.skipped_operations.",
+            c"Both lists apply: a kind named in either is skipped.",
+            &DBZ_SKIPPED_OEPRATIONS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_skipped_operations),
+            Some(assign_dbz_skipped_oeprations),
+            None,
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"synchdb.cdc_start_delay_ms",
+        c"Wait before change data capture begins after a connector starts (and after its initial snapshot).",
+        c"0 (the default) streams at once.",
+        &CDC_START_DELAY_MS,
+        0,
+        86_400_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn note_max_connectors_set(
+    _newval: *mut std::ffi::c_int,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    if source > pgrx::pg_sys::GucSource::PGC_S_DEFAULT {
+        MAX_CONNECTORS_SET.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    true
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn note_max_connector_workers_set(
+    _newval: *mut std::ffi::c_int,
+    _extra: *mut *mut std::ffi::c_void,
+    source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    if source > pgrx::pg_sys::GucSource::PGC_S_DEFAULT {
+        MAX_CONNECTOR_WORKERS_SET.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    true
+}
+
+/// The text of a string GUC's new value (empty for NULL).
+unsafe fn guc_text(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_skipped_operations(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    let text = if newval.is_null() {
+        String::new()
+    } else {
+        unsafe { guc_text(*newval) }
+    };
+    match crate::control::compat::parse_skipped_operations(&text) {
+        Ok(_) => true,
+        Err(msg) => {
+            let detail = std::ffi::CString::new(msg).unwrap_or_default();
+            unsafe {
+                pgrx::pg_sys::GUC_check_errdetail_string = pgrx::pg_sys::pstrdup(detail.as_ptr());
+            }
+            false
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn assign_skipped_operations(
+    newval: *const std::ffi::c_char,
+    _extra: *mut std::ffi::c_void,
+) {
+    let mask =
+        crate::control::compat::parse_skipped_operations(&unsafe { guc_text(newval) }).unwrap_or(0);
+    SKIP_MASK.store(mask, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn assign_dbz_skipped_oeprations(
+    newval: *const std::ffi::c_char,
+    _extra: *mut std::ffi::c_void,
+) {
+    let mask =
+        crate::control::compat::parse_skipped_operations(&unsafe { guc_text(newval) }).unwrap_or(0);
+    SKIP_MASK_ALIAS.store(mask, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the launcher restarts active connectors at server start.
+pub fn auto_launcher() -> bool {
+    AUTO_LAUNCHER.get()
+}
+
+/// The operation kinds not applied (`compat::SKIP_*` bits): the union of
+/// both names' lists.
+pub fn skipped_operations() -> u8 {
+    SKIP_MASK.load(std::sync::atomic::Ordering::Relaxed)
+        | SKIP_MASK_ALIAS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How long to wait before streaming begins.
+pub fn cdc_start_delay() -> std::time::Duration {
+    std::time::Duration::from_millis(u64::try_from(CDC_START_DELAY_MS.get()).unwrap_or(0))
 }

@@ -7,9 +7,11 @@
 //! connector's work itself is in `engine`, `source` and `apply`.
 
 pub mod api;
+pub mod compat;
 pub mod conninfo;
 pub mod gucs;
 pub mod secrets;
 pub mod shmem;
 pub mod switchover;
+pub mod tablelist;
 pub mod worker;

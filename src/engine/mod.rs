@@ -331,14 +331,15 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     let dst_schema = info.srcdb.clone();
     pgtxn::run(|| schema::require_trusted_schema(&dst_schema)).map_err(Stop::Fatal)?;
     crate::apply::usercontext::allow_other_owners(info.apply_as_table_owner);
-    let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
-    let src_schema = match &explicit {
+    // Table lists are read (a `file:` list from its file) at every start.
+    let selection = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
+    let src_schema = match &selection {
         Some(_) => String::new(),
         None => info
             .source_schema()
             .map_err(|e| Stop::Fatal(e.to_string()))?,
     };
-    let snap_filter = info
+    let snap_selection = info
         .snapshot_tables()
         .map_err(|e| Stop::Fatal(e.to_string()))?;
 
@@ -351,6 +352,15 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
             ctx.name
         );
     }
+    // Patterns select among the source's tables as they are now.
+    let explicit: Option<Vec<TableRef>> = match &selection {
+        Some(sel) => Some(block(rt, crate::source::selection::resolve(&client, sel))??),
+        None => None,
+    };
+    let snap_filter: Option<Vec<TableRef>> = match &snap_selection {
+        Some(sel) => Some(block(rt, crate::source::selection::resolve(&client, sel))??),
+        None => None,
+    };
     let tables = block(
         rt,
         source::list_tables(&client, &src_schema, explicit.as_deref()),
@@ -494,6 +504,26 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
         }
     }
 
+    // synchdb.cdc_start_delay_ms: a pause between the start (and its
+    // snapshot) and streaming; a stop ends it at once.
+    let delay = gucs::cdc_start_delay();
+    if !delay.is_zero() {
+        pgrx::log!(
+            "synchdb: connector \"{}\": change data capture begins in {} ms (synchdb.cdc_start_delay_ms)",
+            ctx.name,
+            delay.as_millis()
+        );
+        // The latch wakes a wait early (signals, requests): wait out the rest.
+        let until = Instant::now() + delay;
+        while let Some(left) = until
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
+            if !sleep_or_stop(left) {
+                return Ok(());
+            }
+        }
+    }
     // Stream: every table with a state, and the captured ones without.
     let stored = load_table_states(&ctx.name)?;
     let mut targets: HashMap<TableRef, TableTarget> = HashMap::new();

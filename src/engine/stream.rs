@@ -10,6 +10,10 @@ use super::*;
 pub(super) struct PublicationWatch {
     pub(super) client: Option<tokio_postgres::Client>,
     pub(super) last: Instant,
+    /// The table list as read when the connector started (a `file:` list
+    /// is not read again until the next start); its patterns are matched
+    /// against the source's tables at every check.
+    pub(super) selection: Option<crate::control::tablelist::Selection>,
 }
 
 impl PublicationWatch {
@@ -23,8 +27,7 @@ impl PublicationWatch {
         object: &str,
         mode: Mode,
     ) -> Result<bool, Stop> {
-        let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
-        let schema = match &explicit {
+        let schema = match &self.selection {
             Some(_) => String::new(),
             None => info
                 .source_schema()
@@ -35,6 +38,10 @@ impl PublicationWatch {
         }
         let Some(client) = self.client.as_ref() else {
             return Ok(false);
+        };
+        let explicit: Option<Vec<TableRef>> = match &self.selection {
+            Some(sel) => Some(block(rt, crate::source::selection::resolve(client, sel))??),
+            None => None,
         };
         let tables = match block(
             rt,
@@ -143,6 +150,17 @@ pub(super) fn stream(
     }
     slot.set_state(State::Polling);
     slot.set_err("no error");
+    // A list with patterns is published table by table (never FOR TABLES
+    // IN SCHEMA): tables created later that match join as they appear.
+    let selection = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
+    let by_pattern = selection.as_ref().is_some_and(|s| s.has_patterns());
+    let explicit: Option<Vec<TableRef>> = match &selection {
+        Some(sel) => Some(block(
+            rt,
+            crate::source::selection::resolve(&source_client, sel),
+        )??),
+        None => None,
+    };
     let mut catalog = LiveCatalog {
         rt,
         client: source_client,
@@ -157,8 +175,8 @@ pub(super) fn stream(
     skip.retain(|(lsn, _)| *lsn >= start);
     applier.skip = skip.clone();
     applier.can_resync = matches!(mode, Mode::Initial | Mode::Always);
-    applier.copy_late_tables = !info.owns_publication() || source::server_version() < 150000;
-    let explicit = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
+    applier.copy_late_tables =
+        by_pattern || !info.owns_publication() || source::server_version() < 150000;
     applier.captured = Some(match explicit {
         Some(list) => (String::new(), Some(list)),
         None => (
@@ -176,10 +194,12 @@ pub(super) fn stream(
     // each partition): new tables and partitions join the connector's
     // publication as they appear. A publication an admin made is checked
     // to cover them.
-    let watch_publication = !info.owns_publication() || source::server_version() < 150000;
+    let watch_publication =
+        by_pattern || !info.owns_publication() || source::server_version() < 150000;
     let mut watcher = PublicationWatch {
         client: None,
         last: Instant::now(),
+        selection,
     };
     let mut paused = false;
     let mut flush = FlushTracker::default();

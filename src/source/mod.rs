@@ -7,4 +7,5 @@
 pub mod catalog;
 pub mod decode;
 pub mod replication;
+pub mod selection;
 pub mod tls;

@@ -16,6 +16,15 @@ use control::{api, gucs, shmem, worker};
 pgrx::pg_module_magic!();
 
 extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+extension_sql_file!(
+    "../sql/stats.sql",
+    name = "stats",
+    requires = [
+        control::stats::synchdb_stats_all_rows,
+        control::progress::synchdb_snapshot_progress_rows,
+        control::progress::synchdb_snapshot_progress_total_rows
+    ]
+);
 extension_sql_file!("../sql/views.sql", name = "views", finalize);
 
 #[pg_guard]
@@ -30,6 +39,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     shmem::init();
+    control::progress::init();
     if gucs::auto_launcher() {
         worker::register_launcher();
     }

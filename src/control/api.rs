@@ -571,7 +571,7 @@ fn synchdb_stats_rows() -> TableIterator<
     ),
 > {
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let rows = shmem::stats(my_database())
+    let rows = crate::control::stats::current(my_database())
         .into_iter()
         .map(|(name, s)| {
             let lag = if s.applied_lsn > 0 {
@@ -618,8 +618,9 @@ fn synchdb_reset_stats(name: &str) -> i32 {
     if load_conninfo(name).is_none() {
         unknown_connector(name);
     }
-    // A connector that never ran since the server started has nothing to reset.
-    let _ = shmem::reset_stats(my_database(), name);
+    // Persisted and live (a connector that never ran since the server
+    // started has only the persisted copy).
+    crate::control::stats::reset(my_database(), name);
     0
 }
 

@@ -3,8 +3,8 @@
 //! stage, state, last error and last position here; `synchdb_state_view`
 //! copies the slots under a shared lock, as `pg_stat_subscription` does.
 //! Each slot also holds the connector's statistics (`synchdb_stats_view`),
-//! kept across worker restarts until `synchdb_reset_stats` or a server
-//! restart.
+//! kept across worker restarts until `synchdb_reset_stats`, and saved
+//! across server restarts by `control::stats`.
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -121,6 +121,19 @@ pub struct Stats {
     pub received_lsn: u64,
     /// The end of the last applied source transaction.
     pub applied_lsn: u64,
+    /// Local commits that applied changes (SynchDB's "batches"; one local
+    /// commit may hold several source transactions).
+    pub batches: u64,
+    /// When the batch being applied began (0 between batches), and when the
+    /// last committed one began.
+    pub batch_open_ts: i64,
+    pub batch_begin_ts: i64,
+    /// When the last initial copy began and ended (0: not ended yet).
+    pub snapshot_begin_ts: i64,
+    pub snapshot_end_ts: i64,
+    /// Whether the copy persisted in `synchdb_stats` has been loaded into
+    /// this slot since the server started (`control::stats`).
+    pub loaded: bool,
 }
 
 #[repr(C)]
@@ -308,7 +321,11 @@ pub fn reset_stats(dboid: pg_sys::Oid, name: &str) -> bool {
     with_slots(true, |slots| {
         match slots.iter_mut().find(|s| matches(s, dboid, name)) {
             Some(s) => {
-                s.stats = Stats::default();
+                // Still loaded: the persisted copy is reset in the same call.
+                s.stats = Stats {
+                    loaded: s.stats.loaded,
+                    ..Stats::default()
+                };
                 true
             }
             None => false,
@@ -460,7 +477,18 @@ impl WorkerSlot {
     }
 
     pub fn set_state(self, state: State) {
-        self.update(|s| s.state = state as u8);
+        self.update(|s| {
+            s.state = state as u8;
+            // A batch (local transaction) begins with its first change.
+            if state == State::Executing && s.stats.batch_open_ts == 0 {
+                s.stats.batch_open_ts = crate::control::stats::now_usec();
+            }
+        });
+    }
+
+    /// The slot's index (the same in `control::progress`).
+    pub fn index(self) -> usize {
+        self.0
     }
 
     pub fn set_err(self, err: &str) {

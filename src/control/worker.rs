@@ -194,7 +194,9 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
         return;
     }
     let ctx = WorkerContext { name, mode, slot };
+    crate::control::stats::load(slot, &ctx.name);
     crate::engine::run(&ctx);
+    crate::control::stats::persist();
     slot.set_state(State::Stopped);
     let _ = Stage::None;
 }

@@ -139,6 +139,9 @@ fn load(name: &str) -> Result<Option<ConnInfo>, Stop> {
 }
 
 fn still_defined(name: &str) -> bool {
+    // Called every few seconds between transactions: the statistics are
+    // saved then too.
+    crate::control::stats::maybe_persist();
     matches!(load(name), Ok(Some(_)))
 }
 

@@ -277,6 +277,12 @@ pub(super) fn snapshot_tables(
         msg: format!("preparing the types of the snapshot: {e}"),
         at: None,
     })?;
+    // Live progress (control::progress), with the sizes read inside the snapshot.
+    let progress = crate::control::progress::begin_snapshot(
+        ctx.slot,
+        &ctx.name,
+        &progress_estimates(ctx, rt, &client, &shapes)?,
+    );
     let mut restart = false;
     for shape in &shapes {
         if crate::control::worker::stopping() {
@@ -316,15 +322,51 @@ pub(super) fn snapshot_tables(
         let sql = sqlgen::copy_out(&t.schema, &t.table, &col_refs);
         let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
         let mut stream = Box::pin(stream);
+        let mut copying = progress.table_started(&estimate_of(shape));
+        // The source sends one CopyData message per row: the rows already
+        // received are handed over together (up to FEED_BATCH bytes), and
+        // the runtime is entered only to wait for more.
+        let mut ended = false;
         let mut feed = || -> Result<Option<bytes::Bytes>, String> {
             if crate::control::worker::stopping() {
                 return Err("the connector is stopping".into());
             }
-            match block(rt, stream.next()).map_err(|_| "the connector is stopping".to_string())? {
-                None => Ok(None),
-                Some(Ok(b)) => Ok(Some(b)),
-                Some(Err(e)) => Err(source::describe_pg_error(&e)),
+            if ended {
+                return Ok(None);
             }
+            let first = match futures_util::FutureExt::now_or_never(stream.next()) {
+                Some(r) => r,
+                None => block(rt, stream.next())
+                    .map_err(|_| "the connector is stopping".to_string())?,
+            };
+            let first = match first {
+                None => return Ok(None),
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return Err(source::describe_pg_error(&e)),
+            };
+            let mut batch = bytes::BytesMut::new();
+            let mut rows = crate::control::progress::text_rows(&first);
+            while batch.len().max(first.len()) < FEED_BATCH {
+                match futures_util::FutureExt::now_or_never(stream.next()) {
+                    Some(Some(Ok(b))) => {
+                        if batch.is_empty() {
+                            batch.reserve(FEED_BATCH + first.len());
+                            batch.extend_from_slice(&first);
+                        }
+                        rows += crate::control::progress::text_rows(&b);
+                        batch.extend_from_slice(&b);
+                    }
+                    Some(Some(Err(e))) => return Err(source::describe_pg_error(&e)),
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let out = if batch.is_empty() { first } else { batch.freeze() };
+            copying.add(rows, out.len() as u64);
+            Ok(Some(out))
         };
         let loaded = pgtxn::run(|| {
             schema::ensure_user_types(&user_types, dst_schema);
@@ -358,6 +400,8 @@ pub(super) fn snapshot_tables(
         });
         match loaded {
             Ok(n) => {
+                drop(copying);
+                progress.table_done(&t.schema, &t.table, n);
                 ctx.slot.stats(|s| {
                     s.tables_copied += 1;
                     s.rows_copied += n;
@@ -392,6 +436,7 @@ pub(super) fn snapshot_tables(
         return Err(Stop::Restart);
     }
     RENAME_RESTARTS.with(|c| c.set(0));
+    progress.finish(true);
     // Ending the session drops the temporary slot and the exported snapshot;
     // the runtime must run once more for the aborted tasks to close their
     // connections.
@@ -400,4 +445,57 @@ pub(super) fn snapshot_tables(
         tokio::time::sleep(Duration::from_millis(20)).await
     })?;
     Ok(())
+}
+
+/// Most bytes of COPY rows handed to the destination's COPY at once.
+const FEED_BATCH: usize = 64 * 1024;
+
+/// What `control::progress` shows for a table before its copy.
+fn estimate_of(shape: &SourceTable) -> crate::control::progress::TableEstimate {
+    crate::control::progress::TableEstimate {
+        schema: shape.table.schema.clone(),
+        table: shape.table.table.clone(),
+        ..Default::default()
+    }
+}
+
+/// The tables of a copy with their sizes read on the source, in the
+/// snapshot's transaction under a savepoint (0 when that read fails:
+/// progress is shown without estimates, the copy goes on).
+fn progress_estimates(
+    ctx: &WorkerContext,
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    shapes: &[SourceTable],
+) -> Result<Vec<crate::control::progress::TableEstimate>, Stop> {
+    let mut out: Vec<_> = shapes.iter().map(estimate_of).collect();
+    block(rt, client.batch_execute("SAVEPOINT synchdb_estimate"))?.map_err(SourceError::from_pg)?;
+    for (e, shape) in out.iter_mut().zip(shapes) {
+        match block(rt, crate::source::sizes::estimate(client, shape.oid))? {
+            Ok((rows, bytes)) => {
+                e.rows = rows;
+                e.bytes = bytes;
+            }
+            Err(err) => {
+                pgrx::log!(
+                    "synchdb: connector \"{}\": estimating the size of {}: {}",
+                    ctx.name,
+                    shape.table,
+                    crate::source::catalog::describe_pg_error(&err)
+                );
+                block(
+                    rt,
+                    client.batch_execute("ROLLBACK TO SAVEPOINT synchdb_estimate"),
+                )?
+                .map_err(SourceError::from_pg)?;
+                break;
+            }
+        }
+    }
+    block(
+        rt,
+        client.batch_execute("RELEASE SAVEPOINT synchdb_estimate"),
+    )?
+    .map_err(SourceError::from_pg)?;
+    Ok(out)
 }

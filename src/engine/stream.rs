@@ -498,6 +498,13 @@ pub(super) fn publish_stats(
             s.first_apply_ts = now;
         }
         s.last_apply_ts = now;
+        s.batches += 1;
+        s.batch_begin_ts = if s.batch_open_ts != 0 {
+            s.batch_open_ts
+        } else {
+            now
+        };
+        s.batch_open_ts = 0;
         s.applied_lsn = s.applied_lsn.max(remote_end);
         s.received_lsn = s.received_lsn.max(remote_end);
     });

@@ -8,4 +8,5 @@ pub mod catalog;
 pub mod decode;
 pub mod replication;
 pub mod selection;
+pub mod sizes;
 pub mod tls;

@@ -64,3 +64,39 @@ CREATE TABLE synchdb_table_state (
     PRIMARY KEY (name, src_schema, src_table)
 );
 REVOKE ALL ON synchdb_table_state FROM PUBLIC;
+
+-- Object mappings (SynchDB's synchdb_add_objmap): per connector, a source
+-- table's destination (objtype 'table'), a column's destination name
+-- ('column') and type ('datatype'), and an expression applied to a column's
+-- values ('transform'). Written through synchdb_add_objmap (validated),
+-- synchdb_del_objmap disables a row; read by the worker at each start and
+-- on synchdb_reload_objmap. See README, "Object mapping".
+CREATE TABLE synchdb_objmap (
+    name    text NOT NULL REFERENCES synchdb_conninfo (name)
+                ON DELETE CASCADE ON UPDATE CASCADE,
+    objtype text NOT NULL CHECK (objtype IN ('table', 'column', 'datatype', 'transform')),
+    enabled bool NOT NULL DEFAULT true,
+    srcobj  text NOT NULL,
+    dstobj  text NOT NULL,
+    PRIMARY KEY (name, objtype, srcobj)
+);
+REVOKE ALL ON synchdb_objmap FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('synchdb_objmap', '');
+
+-- The source columns of each replicated table and the destination column
+-- each became (kept by the worker; behind synchdb_att_view).
+CREATE TABLE synchdb_attribute (
+    name            text NOT NULL REFERENCES synchdb_conninfo (name)
+                        ON DELETE CASCADE ON UPDATE CASCADE,
+    src_schema      text NOT NULL,
+    src_table       text NOT NULL,
+    position        int NOT NULL,
+    ext_tbname      text NOT NULL,
+    ext_attname     text NOT NULL,
+    ext_atttypename text,
+    pg_attname      text NOT NULL,
+    -- The column's srcobj as synchdb_objmap writes it (srcdb.schema.table.column).
+    ext_colobj      text NOT NULL,
+    PRIMARY KEY (name, src_schema, src_table, ext_attname)
+);
+REVOKE ALL ON synchdb_attribute FROM PUBLIC;

@@ -75,3 +75,32 @@ $$;
 REVOKE EXECUTE ON FUNCTION synchdb_switchover_rows(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_switchover_check(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION synchdb_sync_sequences(text) FROM PUBLIC;
+
+-- Object mappings (README, "Object mapping"): each replicated source column
+-- and what it became in the destination, as SynchDB's synchdb_att_view.
+CREATE VIEW synchdb_att_view AS
+SELECT a.name,
+       lower(c.data ->> 'connector')                          AS type,
+       pa.attnum,
+       a.ext_tbname,
+       ts.dst_schema || '.' || ts.dst_table                   AS pg_tbname,
+       a.ext_attname,
+       pa.attname::text                                       AS pg_attname,
+       a.ext_atttypename,
+       pg_catalog.format_type(pa.atttypid, pa.atttypmod)      AS pg_atttypename,
+       (SELECT m.dstobj FROM public.synchdb_objmap m
+         WHERE m.name = a.name AND m.objtype = 'transform' AND m.enabled
+           AND m.srcobj = a.ext_colobj)                        AS transform
+  FROM public.synchdb_attribute a
+  JOIN public.synchdb_conninfo c ON c.name = a.name
+  JOIN public.synchdb_table_state ts
+    ON ts.name = a.name AND ts.src_schema = a.src_schema AND ts.src_table = a.src_table
+  LEFT JOIN pg_catalog.pg_attribute pa
+    ON pa.attrelid = pg_catalog.to_regclass(pg_catalog.quote_ident(ts.dst_schema) || '.' ||
+                                           pg_catalog.quote_ident(ts.dst_table))
+   AND pa.attname = a.pg_attname AND pa.attnum > 0 AND NOT pa.attisdropped
+ ORDER BY a.name, a.ext_tbname, a.position;
+GRANT SELECT ON synchdb_att_view TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_add_objmap(text, text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_del_objmap(text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION synchdb_reload_objmap(text) FROM PUBLIC;

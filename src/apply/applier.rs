@@ -116,7 +116,15 @@ struct DestColumn {
 }
 
 struct RelEntry {
+    /// The Relation message as the destination sees it: columns renamed
+    /// and retyped by the object mappings (`mapping`).
     rel: Relation,
+    /// The Relation message as the source sent it (mappings reloaded are
+    /// applied to it again).
+    src_rel: Relation,
+    /// Per source column: its object-mapping transform, if any (such a
+    /// table's changes go through SPI statements, never `direct`).
+    transforms: Vec<Option<String>>,
     /// Whether what the Relation message implies (renames, schema changes,
     /// a new table) is applied and the maps below are built. Done at the
     /// first change of a transaction newer than the table's copy: nothing
@@ -483,10 +491,13 @@ impl<'c> Applier<'c> {
         self.partition_of.remove(&msg_id);
         self.as_partition_root(&mut rel);
         self.current_rel_id = Some(msg_id);
+        let (mapped, transforms) = crate::apply::mapping::current().map_relation(&rel);
         self.rels.insert(
             msg_id,
             RelEntry {
-                rel,
+                rel: mapped,
+                src_rel: rel,
+                transforms,
                 synced: false,
                 dest_relid: None,
                 locked_in: 0,
@@ -591,6 +602,24 @@ impl<'c> Applier<'c> {
         matches!(self.rels.get(&rel_id).and_then(|e| e.target.as_ref()), Some(t) if self.final_lsn >= t.sync_lsn)
     }
 
+    /// Object mappings reloaded (`synchdb_reload_objmap`, between two
+    /// transactions): every relation is mapped again and followed before
+    /// its next change, as after a Relation message (a column mapped to
+    /// another name or type is renamed or retyped like a source change).
+    pub fn reload_mappings(&mut self) {
+        let maps = crate::apply::mapping::current();
+        for e in self.rels.values_mut() {
+            let (mapped, transforms) = maps.map_relation(&e.src_rel);
+            e.rel = mapped;
+            e.transforms = transforms;
+            for (_, p) in e.plans.drain() {
+                unsafe { pg_sys::SPI_freeplan(p) };
+            }
+            e.synced = false;
+            e.direct = None;
+        }
+    }
+
     /// Destination tables whose definition changed (a DBA's DDL, or ours)
     /// have their maps rebuilt before their next change.
     fn refresh_invalidated(&mut self) {
@@ -654,15 +683,19 @@ impl<'c> Applier<'c> {
                 }
             }
         }
-        let mut target = known.clone().unwrap_or_else(|| TableTarget {
+        let mut target = known.clone().unwrap_or_else(|| {
             // A table the stream brings that the snapshot did not know
             // (created later on the source): it lands in the destination
-            // schema under its own name.
-            dst_schema: self.dst_schema.clone(),
-            dst_table: rel.name.clone(),
-            sync_lsn: 0,
-            src_relid: rel.id,
-            src_columns: None,
+            // schema under its own name, or where a table mapping says.
+            let (dst_schema, dst_table) =
+                crate::apply::mapping::current().destination(&key, &self.dst_schema, &rel.name);
+            TableTarget {
+                dst_schema,
+                dst_table,
+                sync_lsn: 0,
+                src_relid: rel.id,
+                src_columns: None,
+            }
         });
         if known.is_none() && !self.is_captured(&key) {
             // Published but not captured (an admin's publication may carry
@@ -741,9 +774,21 @@ impl<'c> Applier<'c> {
             usercontext::refuse_untrusted_owner(relid, owner);
             usercontext::refuse_row_security(relid, owner);
         }
+        let transformed = self.rels[&rel_id].transforms.iter().any(|t| t.is_some());
         let direct = entry_target
             .as_ref()
+            .filter(|_| !transformed)
             .and_then(|t| direct_target(&rel, t, &dest, stored));
+        if entry_target.is_some() {
+            // What synchdb_att_view shows for this table.
+            let src_rel = &self.rels[&rel_id].src_rel;
+            crate::apply::mapping::record_columns(
+                &self.connector,
+                &crate::apply::mapping::current().srcdb,
+                &key,
+                &crate::apply::mapping::att_rows_of_relation(src_rel, &rel),
+            );
+        }
         if let Some(direct) = &direct {
             pgrx::debug1!("synchdb: {key} is applied directly: {direct:?}");
         }
@@ -853,6 +898,27 @@ fn attr_inputs<'v>(
         });
     }
     out
+}
+
+/// A statement with the object-mapping transforms applied to its
+/// parameters: `params[k]` is the source column of parameter `k + 1`. The
+/// value stays a parameter (typed as the destination column); the
+/// transform's result is cast to the column's type.
+fn with_transforms(e: &RelEntry, sql: String, params: &[usize]) -> String {
+    if e.transforms.iter().all(|t| t.is_none()) {
+        return sql;
+    }
+    let mut with = HashMap::new();
+    for (k, col) in params.iter().enumerate() {
+        if let (Some(Some(tpl)), Some(Some(d))) = (e.transforms.get(*col), e.dest.get(*col)) {
+            let ty = schema::format_type(u32::from(d.type_oid), d.typmod);
+            with.insert(
+                k + 1,
+                crate::apply::mapping::transformed(tpl, &format!("${}", k + 1), &ty),
+            );
+        }
+    }
+    crate::apply::mapping::replace_params(&sql, &with)
 }
 
 fn by_text(e: &RelEntry, cols: &[usize]) -> Vec<bool> {

@@ -2,13 +2,15 @@
 //! relation map and change application (`applier`), the executor path for
 //! row changes (`direct`), SQL text and prepared statements (`sqlgen`),
 //! schema creation and following (`schema`), secondary indexes after a copy
-//! (`indexes`), relation cache invalidations (`relcache`), text from the
-//! source that becomes DDL (`untrusted`), writing as the table's owner
-//! (`usercontext`) and transactions with ERRORs caught (`pgtxn`).
+//! (`indexes`), object mappings (`mapping`), relation cache invalidations
+//! (`relcache`), text from the source that becomes DDL (`untrusted`),
+//! writing as the table's owner (`usercontext`) and transactions with
+//! ERRORs caught (`pgtxn`).
 
 pub mod applier;
 pub mod direct;
 pub mod indexes;
+pub mod mapping;
 pub mod pgtxn;
 pub mod relcache;
 pub mod schema;

@@ -374,14 +374,23 @@ pub fn is_empty(schema: &str, table: &str) -> bool {
 /// so an object another role planted would run that role's code with a
 /// superuser's rights.
 pub fn require_trusted_schema(schema: &str) {
+    // pg_database_owner (the owner of PostgreSQL 15's schema public) stands
+    // for the database's owner: trusted when that is a superuser.
     let row = Spi::get_three_with_args::<String, String, String>(
-        "SELECT CASE WHEN o.rolsuper THEN '' ELSE o.rolname::text END,
+        "WITH dbo AS (SELECT r.rolsuper FROM pg_catalog.pg_database d
+                        JOIN pg_catalog.pg_roles r ON r.oid = d.datdba
+                       WHERE d.datname = pg_catalog.current_database())
+         SELECT CASE WHEN o.rolsuper
+                       OR (o.rolname = 'pg_database_owner' AND (SELECT rolsuper FROM dbo))
+                     THEN '' ELSE o.rolname::text END,
                 coalesce((SELECT string_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'
                                                           ELSE g.rolname::text END, ', ')
                             FROM pg_catalog.aclexplode(n.nspacl) a
                             LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
                            WHERE a.privilege_type = 'CREATE'
-                             AND (a.grantee = 0 OR NOT g.rolsuper)), ''),
+                             AND (a.grantee = 0 OR NOT g.rolsuper)
+                             AND (g.rolname IS DISTINCT FROM 'pg_database_owner'
+                                  OR NOT (SELECT rolsuper FROM dbo))), ''),
                 coalesce((SELECT string_agg(format('%I (%s)', t.typname, r.rolname), ', ')
                             FROM pg_catalog.pg_type t
                             JOIN pg_catalog.pg_roles r ON r.oid = t.typowner

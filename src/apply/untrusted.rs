@@ -158,6 +158,13 @@ pub fn expression(expr: &str, what: &str) -> String {
     }
 }
 
+/// Whether `expr` parses as exactly one expression (an object mapping's
+/// transform, rendered): `Err` says why not.
+pub fn check_single_expression(expr: &str) -> Result<(), String> {
+    crate::apply::pgtxn::in_subtransaction(|| unsafe { lone_expression(expr).map(|_| ()) })
+        .and_then(|r| r)
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn untrusted_function(func: pg_sys::Oid, _cx: *mut c_void) -> bool {
     pg_sys::func_volatile(func) as u8 != pg_sys::PROVOLATILE_IMMUTABLE
@@ -334,7 +341,7 @@ pub fn check_generated_columns(schema: &str, table: &str, columns: &[String]) {
 /// # Safety
 /// Called in a backend, inside a transaction.
 #[cfg(feature = "pg15")]
-unsafe fn parse_type(name: &CString) -> (pg_sys::Oid, i32) {
+pub(crate) unsafe fn parse_type(name: &CString) -> (pg_sys::Oid, i32) {
     let mut oid = pg_sys::InvalidOid;
     let mut typmod = -1;
     pg_sys::parseTypeString(name.as_ptr(), &mut oid, &mut typmod, false);
@@ -342,7 +349,7 @@ unsafe fn parse_type(name: &CString) -> (pg_sys::Oid, i32) {
 }
 
 #[cfg(not(feature = "pg15"))]
-unsafe fn parse_type(name: &CString) -> (pg_sys::Oid, i32) {
+pub(crate) unsafe fn parse_type(name: &CString) -> (pg_sys::Oid, i32) {
     let mut oid = pg_sys::InvalidOid;
     let mut typmod = -1;
     // No soft-error context: a bad name raises its ERROR.

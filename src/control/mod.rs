@@ -10,6 +10,7 @@ pub mod api;
 pub mod compat;
 pub mod conninfo;
 pub mod gucs;
+pub mod objmap;
 pub mod progress;
 pub mod secrets;
 pub mod shmem;

@@ -148,6 +148,8 @@ struct Slot {
     request: u8,
     /// A position set by `synchdb_set_offset`, taken by the worker on resume.
     pending_offset: u64,
+    /// Set by `synchdb_reload_objmap`, taken by the worker (object mappings).
+    reload_objmap: bool,
     latch: *mut pg_sys::Latch,
     err: [u8; ERR_LEN],
     offset: [u8; OFFSET_LEN],
@@ -373,6 +375,7 @@ pub fn claim_for_start(dboid: pg_sys::Oid, name: &str) -> Claim {
             s.pid = 0;
             s.state = State::Initializing as u8;
             s.request = Request::None as u8;
+            s.reload_objmap = false;
             // An offset set while paused and never resumed belongs to the
             // stopped run: a new start resumes from the applied position.
             s.pending_offset = 0;
@@ -387,6 +390,7 @@ pub fn claim_for_start(dboid: pg_sys::Oid, name: &str) -> Claim {
                 s.stage = Stage::None as u8;
                 s.state = State::Initializing as u8;
                 s.request = Request::None as u8;
+                s.reload_objmap = false;
                 s.pending_offset = 0;
                 s.latch = ptr::null_mut();
                 put_str(&mut s.err, "no error");
@@ -541,6 +545,15 @@ impl WorkerSlot {
         .unwrap_or((Request::None, 0))
     }
 
+    /// Takes a pending `synchdb_reload_objmap` request (object mappings).
+    pub fn take_reload(self) -> bool {
+        with_slots(true, |slots| match slots.get_mut(self.0) {
+            Some(s) => std::mem::replace(&mut s.reload_objmap, false),
+            None => false,
+        })
+        .unwrap_or(false)
+    }
+
     /// Marks the worker gone; the stage, error and offset stay for the view.
     pub fn detach(self) {
         self.update(|s| {
@@ -549,6 +562,42 @@ impl WorkerSlot {
             s.latch = ptr::null_mut();
         });
     }
+}
+
+/// Asks a running worker to load its object mappings again and wakes it.
+/// Returns false when it does not run.
+pub fn request_reload(dboid: pg_sys::Oid, name: &str) -> bool {
+    with_slots(true, |slots| {
+        match slots.iter_mut().find(|s| matches(s, dboid, name)) {
+            Some(s) if s.pid > 0 => {
+                s.reload_objmap = true;
+                if !s.latch.is_null() {
+                    unsafe { pg_sys::SetLatch(s.latch) };
+                }
+                true
+            }
+            _ => false,
+        }
+    })
+    .unwrap_or(false)
+}
+
+/// Whether the connector's worker runs.
+pub fn is_running(dboid: pg_sys::Oid, name: &str) -> bool {
+    with_slots(false, |slots| {
+        slots.iter().any(|s| matches(s, dboid, name) && s.pid > 0)
+    })
+    .unwrap_or(false)
+}
+
+/// Whether a `synchdb_reload_objmap` request waits for the running worker.
+pub fn reload_pending(dboid: pg_sys::Oid, name: &str) -> bool {
+    with_slots(false, |slots| {
+        slots
+            .iter()
+            .any(|s| matches(s, dboid, name) && s.pid > 0 && s.reload_objmap)
+    })
+    .unwrap_or(false)
 }
 
 /// Leaves a request for a running worker and wakes it. Returns false when it

@@ -333,6 +333,10 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
         pgtxn::run(|| crate::control::worker::object_name(&ctx.name)).map_err(Stop::Fatal)?;
     let dst_schema = info.srcdb.clone();
     pgtxn::run(|| schema::require_trusted_schema(&dst_schema)).map_err(Stop::Fatal)?;
+    // Object mappings (apply::mapping), read again at every start.
+    pgtxn::run(|| crate::apply::mapping::load(&ctx.name, &info.srcdb))
+        .map_err(Stop::Fatal)?
+        .map_err(Stop::Fatal)?;
     crate::apply::usercontext::allow_other_owners(info.apply_as_table_owner);
     // Table lists are read (a `file:` list from its file) at every start.
     let selection = info.tables().map_err(|e| Stop::Fatal(e.to_string()))?;
@@ -445,18 +449,28 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
             msg: format!("creating types in {dst_schema}: {e}"),
             at: None,
         })?;
-        for shape in &shapes {
-            let t = &shape.table;
+        for src_shape in &shapes {
+            let t = &src_shape.table;
             let dst = stored
                 .get(t)
                 .map(|s| s.dst_table.clone())
                 .or_else(|| dest_names.get(t).cloned())
                 .unwrap_or_else(|| t.table.clone());
+            // Object mappings: the table's place, its columns' names and types.
+            let maps = crate::apply::mapping::current();
+            let (dst_schema, dst) = maps.destination(t, &dst_schema, &dst);
+            let shape = &maps.map_shape(src_shape);
             pgtxn::run(|| {
                 schema::ensure_user_types(&user_types, &dst_schema);
                 if !schema::create_table(&dst_schema, &dst, shape, false) {
                     check_owner(&ctx.name, &dst_schema, &dst);
                 }
+                crate::apply::mapping::record_columns(
+                    &ctx.name,
+                    &info.srcdb,
+                    t,
+                    &crate::apply::mapping::att_rows(src_shape, shape),
+                );
                 let cols = stored_columns(shape);
                 schema::record_table(
                     &ctx.name,
@@ -542,16 +556,18 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
             },
         );
     }
+    let maps = crate::apply::mapping::current();
     for t in &tables {
-        targets.entry(t.clone()).or_insert_with(|| TableTarget {
-            dst_schema: dst_schema.clone(),
-            dst_table: dest_names
-                .get(t)
-                .cloned()
-                .unwrap_or_else(|| t.table.clone()),
-            sync_lsn: 0,
-            src_relid: 0,
-            src_columns: None,
+        targets.entry(t.clone()).or_insert_with(|| {
+            let (dst_schema, dst_table) =
+                maps.destination(t, &dst_schema, dest_names.get(t).unwrap_or(&t.table));
+            TableTarget {
+                dst_schema,
+                dst_table,
+                sync_lsn: 0,
+                src_relid: 0,
+                src_columns: None,
+            }
         });
     }
     stream(
@@ -593,7 +609,9 @@ fn owe_copies(
     pgtxn::run(|| {
         for t in owed {
             let dst = names.get(t).cloned().unwrap_or_else(|| t.table.clone());
-            schema::request_copy(connector, t, dst_schema, &dst);
+            let (dst_schema, dst) =
+                crate::apply::mapping::current().destination(t, dst_schema, &dst);
+            schema::request_copy(connector, t, &dst_schema, &dst);
         }
     })
     .map_err(|e| SourceError::Query(format!("recording the copies owed: {e}")))?;

@@ -317,9 +317,17 @@ pub(super) fn snapshot_tables(
             .or_else(|| names.get(t).cloned())
             .unwrap_or_else(|| t.table.clone());
         let prev_cols = state.and_then(|s| s.src_columns.clone());
-        let cols = stored_columns(shape);
-        let col_refs: Vec<&str> = cols.iter().map(|s| s.as_str()).collect();
+        let src_cols = stored_columns(shape);
+        let col_refs: Vec<&str> = src_cols.iter().map(|s| s.as_str()).collect();
         let sql = sqlgen::copy_out(&t.schema, &t.table, &col_refs);
+        // Object mappings (apply::mapping): where the table lands, its
+        // columns' names and types; `shape` is the destination's from here.
+        let maps = crate::apply::mapping::current();
+        let (mapped_schema, dst) = maps.destination(t, dst_schema, &dst);
+        let dst_schema: &str = &mapped_schema;
+        let src_shape = shape;
+        let shape = &maps.map_shape(src_shape);
+        let cols = stored_columns(shape);
         let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
         let mut stream = Box::pin(stream);
         let mut copying = progress.table_started(&estimate_of(shape));
@@ -381,7 +389,15 @@ pub(super) fn snapshot_tables(
                     schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
                 })
             };
-            let n = apply::copy_into(dst_schema, &dst, &cols, &mut feed);
+            let n = crate::apply::mapping::copy_into(
+                dst_schema, &dst, t, &src_cols, &cols, true, &mut feed,
+            );
+            crate::apply::mapping::record_columns(
+                &ctx.name,
+                &info.srcdb,
+                t,
+                &crate::apply::mapping::att_rows(src_shape, shape),
+            );
             if build_pk {
                 schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
             }

@@ -249,6 +249,24 @@ pub(super) fn stream(
                 Request::None => {}
             }
         }
+        // Between transactions only (no local one open, nor a deferred group).
+        if !applier.in_transaction() && !pgtxn::in_transaction() && slot.take_reload() {
+            // synchdb_reload_objmap: the new mappings apply from the next
+            // transaction on (apply::mapping; README, "Object mapping").
+            match pgtxn::run(|| crate::apply::mapping::load(&ctx.name, &info.srcdb)) {
+                Ok(Ok(())) => {
+                    applier.reload_mappings();
+                    pgrx::log!(
+                        "synchdb: connector \"{}\" reloaded its object mappings",
+                        ctx.name
+                    );
+                }
+                Ok(Err(e)) | Err(e) => pgrx::warning!(
+                    "synchdb: connector \"{}\" keeps its object mappings: {e}",
+                    ctx.name
+                ),
+            }
+        }
         if paused {
             // Keep driving the runtime so the replication session answers
             // keepalives while nothing is applied.

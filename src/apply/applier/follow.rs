@@ -26,6 +26,8 @@ impl Applier<'_> {
         match described {
             Some((shape, types)) => {
                 schema::ensure_user_types(&types, &t.dst_schema);
+                // Columns named and typed as the object mappings say.
+                let shape = crate::apply::mapping::current().map_shape(&shape);
                 schema::create_table(&t.dst_schema, &t.dst_table, &shape, false);
             }
             None => {
@@ -266,7 +268,8 @@ impl Applier<'_> {
                         shape = Some(match self.catalog.describe(key) {
                             Ok((s, types)) if s.oid == rel.id => {
                                 schema::ensure_user_types(&types, &t.dst_schema);
-                                Some(s)
+                                // Named and typed as the object mappings say.
+                                Some(crate::apply::mapping::current().map_shape(&s))
                             }
                             _ => None,
                         });
@@ -316,7 +319,12 @@ impl Applier<'_> {
                             // default on the source; a volatile one (a
                             // sequence's too) cannot be reproduced here and
                             // is left out (untrusted::default_expression).
-                            let default = self.catalog.column_default(rel.id, name).unwrap_or(None);
+                            let src_name =
+                                crate::apply::mapping::current().source_column(key, name);
+                            let default = self
+                                .catalog
+                                .column_default(rel.id, &src_name)
+                                .unwrap_or(None);
                             let what = format!("default of column \"{name}\" of {key}");
                             if let Some((def, pasted)) = default.and_then(|def| {
                                 crate::apply::untrusted::default_expression(&def, &what)

@@ -77,7 +77,11 @@ impl Applier<'_> {
                 .map(|i| e.rel.columns[*i].name.as_str())
                 .collect();
             (
-                sqlgen::insert(&t.dst_schema, &t.dst_table, &names),
+                with_transforms(
+                    e,
+                    sqlgen::insert(&t.dst_schema, &t.dst_table, &names),
+                    &cols,
+                ),
                 types_of(e, &cols),
             )
         });
@@ -160,14 +164,19 @@ impl Applier<'_> {
                 .collect();
             let mut types = types_of(e, &set_cols);
             types.extend(types_of(e, &key_cols));
+            let params: Vec<usize> = set_cols.iter().chain(&key_cols).copied().collect();
             (
-                sqlgen::update(
-                    &t.dst_schema,
-                    &t.dst_table,
-                    &sets,
-                    &keys,
-                    &by_text(e, &key_cols),
-                    how,
+                with_transforms(
+                    e,
+                    sqlgen::update(
+                        &t.dst_schema,
+                        &t.dst_table,
+                        &sets,
+                        &keys,
+                        &by_text(e, &key_cols),
+                        how,
+                    ),
+                    &params,
                 ),
                 types,
             )
@@ -229,12 +238,16 @@ impl Applier<'_> {
                 .map(|i| e.rel.columns[*i].name.as_str())
                 .collect();
             (
-                sqlgen::delete(
-                    &t.dst_schema,
-                    &t.dst_table,
-                    &keys,
-                    &by_text(e, &key_cols),
-                    how,
+                with_transforms(
+                    e,
+                    sqlgen::delete(
+                        &t.dst_schema,
+                        &t.dst_table,
+                        &keys,
+                        &by_text(e, &key_cols),
+                        how,
+                    ),
+                    &key_cols,
                 ),
                 types_of(e, &key_cols),
             )

@@ -34,8 +34,11 @@ fn config_error(e: ConfigError) -> ! {
         ),
         ConfigError::BadMode(_) => (
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            Some("Valid modes are initial, initial_only, no_data, never and always."),
+            Some("Valid modes are initial, when_needed, initial_only, no_data, schemasync, never and always."),
         ),
+        ConfigError::ModeNotForPostgres { hint, .. } => {
+            (PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, Some(*hint))
+        }
         ConfigError::BadTable { .. } => (
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             Some("Give 'null' for every table of the schema, or a comma-separated list of schema.table entries."),
@@ -438,6 +441,20 @@ fn synchdb_set_offset(name: &str, lsn: &str) -> i32 {
         ),
     };
     match shmem::get(my_database(), name) {
+        // Paused for a schema review: nothing streams yet, and the copy
+        // that follows the resume sets each table's position.
+        Some(s)
+            if s.pid > 0
+                && s.state == shmem::State::Paused
+                && s.stage == shmem::Stage::SchemaSync =>
+        {
+            raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("connector \"{name}\" is paused in schema sync"),
+            None,
+            Some("Resume it with synchdb_resume_engine: it copies the tables and then streams; set an offset once it streams."),
+            )
+        }
         Some(s) if s.pid > 0 && s.state == shmem::State::Paused => {}
         Some(s) if s.pid > 0 => raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -274,6 +274,8 @@ pub enum ConfigError {
     BadIdent { arg: &'static str, reason: String },
     #[error("snapshot mode \"{0}\" is not valid")]
     BadMode(String),
+    #[error("snapshot mode \"{mode}\" does not apply to a PostgreSQL source")]
+    ModeNotForPostgres { mode: String, hint: &'static str },
     #[error("stored connector data is malformed: {0}")]
     BadStored(String),
     #[error("sslmode \"{0}\" is not valid")]
@@ -305,17 +307,49 @@ pub enum Mode {
     NoData,
     Never,
     Always,
+    /// Builds the destination tables without rows, then waits (stage
+    /// `schema sync`, state `paused`) for `synchdb_resume_engine`, which
+    /// continues as `initial`: copy, then stream.
+    SchemaSync,
 }
 
+/// SynchDB mode names that mean nothing for a PostgreSQL source, with the
+/// hint naming the closest mode.
+const NOT_FOR_POSTGRES: &[(&str, &str)] = &[
+    (
+        "recovery",
+        "A PostgreSQL source keeps no schema history to rebuild: the schema is read from the source at every start. Use 'initial' (or 'when_needed') to copy the tables without a complete copy, or 'always' to rebuild every table from the source.",
+    ),
+    (
+        "schema_only_recovery",
+        "A PostgreSQL source keeps no schema history to rebuild: the schema is read from the source at every start. Use 'initial' (or 'when_needed') to copy the tables without a complete copy, or 'always' to rebuild every table from the source.",
+    ),
+    (
+        "schema_only",
+        "Use 'no_data' (tables created empty, then stream) or 'schemasync' (tables created empty, paused for review, then copied and streamed).",
+    ),
+];
+
 impl Mode {
+    /// Case and surrounding white space are ignored; `when_needed` is
+    /// another name for `initial`, which already copies exactly when no
+    /// usable position exists (see the README).
     pub fn parse(s: &str) -> Result<Mode, ConfigError> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "initial" => Ok(Mode::Initial),
+        let name = s.trim().to_ascii_lowercase();
+        match name.as_str() {
+            "initial" | "when_needed" => Ok(Mode::Initial),
             "initial_only" => Ok(Mode::InitialOnly),
             "no_data" => Ok(Mode::NoData),
             "never" => Ok(Mode::Never),
             "always" => Ok(Mode::Always),
-            _ => Err(ConfigError::BadMode(s.to_string())),
+            "schemasync" => Ok(Mode::SchemaSync),
+            _ => match NOT_FOR_POSTGRES.iter().find(|(n, _)| *n == name) {
+                Some((n, hint)) => Err(ConfigError::ModeNotForPostgres {
+                    mode: (*n).to_string(),
+                    hint,
+                }),
+                None => Err(ConfigError::BadMode(s.to_string())),
+            },
         }
     }
 
@@ -326,6 +360,7 @@ impl Mode {
             Mode::NoData => "no_data",
             Mode::Never => "never",
             Mode::Always => "always",
+            Mode::SchemaSync => "schemasync",
         }
     }
 
@@ -334,9 +369,12 @@ impl Mode {
         !matches!(self, Mode::Never)
     }
 
-    /// Whether the mode copies existing rows.
+    /// Whether the mode copies existing rows (`schemasync` once resumed).
     pub fn copies_data(self) -> bool {
-        matches!(self, Mode::Initial | Mode::InitialOnly | Mode::Always)
+        matches!(
+            self,
+            Mode::Initial | Mode::InitialOnly | Mode::Always | Mode::SchemaSync
+        )
     }
 
     /// Whether the mode streams changes after the snapshot.
@@ -345,7 +383,7 @@ impl Mode {
     }
 }
 
-pub const MODES: &str = "initial, initial_only, no_data, never, always";
+pub const MODES: &str = "initial, initial_only, no_data, never, always, schemasync, when_needed";
 
 /// Checks a connector name: not empty, at most 63 bytes.
 pub fn check_name(name: &str) -> Result<(), ConfigError> {
@@ -709,6 +747,66 @@ mod tests {
         assert!(!Mode::InitialOnly.streams());
         assert!(!Mode::NoData.copies_data() && Mode::NoData.captures_schema());
         assert!(!Mode::Never.captures_schema());
+    }
+
+    #[test]
+    fn synchdb_mode_names() {
+        // Case and surrounding white space do not matter.
+        assert_eq!(Mode::parse("schemasync"), Ok(Mode::SchemaSync));
+        assert_eq!(Mode::parse("  SchemaSync\t"), Ok(Mode::SchemaSync));
+        assert_eq!(Mode::parse("when_needed"), Ok(Mode::Initial));
+        assert_eq!(Mode::parse(" WHEN_NEEDED "), Ok(Mode::Initial));
+        assert_eq!(Mode::parse("\nAlways\n"), Ok(Mode::Always));
+        // Stored (synchdb_runtime) and passed to the worker by name: the
+        // name reads back as the same mode.
+        for m in [
+            Mode::Initial,
+            Mode::InitialOnly,
+            Mode::NoData,
+            Mode::Never,
+            Mode::Always,
+            Mode::SchemaSync,
+        ] {
+            assert_eq!(Mode::parse(m.as_str()), Ok(m));
+            assert!(MODES.contains(m.as_str()));
+        }
+        assert!(MODES.contains("when_needed"));
+        let sync = Mode::SchemaSync;
+        assert!(sync.captures_schema() && sync.copies_data() && sync.streams());
+        // SynchDB names without a meaning for a PostgreSQL source: refused
+        // with a hint naming the closest mode.
+        for name in ["recovery", " Recovery ", "schema_only_recovery"] {
+            match Mode::parse(name) {
+                Err(ConfigError::ModeNotForPostgres { mode, hint }) => {
+                    assert_eq!(mode, name.trim().to_ascii_lowercase());
+                    assert!(hint.contains("'always'") && hint.contains("'initial'"));
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        match Mode::parse("SCHEMA_ONLY") {
+            Err(ConfigError::ModeNotForPostgres { mode, hint }) => {
+                assert_eq!(mode, "schema_only");
+                assert!(hint.contains("'no_data'") && hint.contains("'schemasync'"));
+            }
+            other => panic!("schema_only: {other:?}"),
+        }
+        let e = Mode::parse("recovery").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "snapshot mode \"recovery\" does not apply to a PostgreSQL source"
+        );
+        // Near misses are not guessed at.
+        for bad in [
+            "schema sync",
+            "schema_sync",
+            "whenneeded",
+            "when-needed",
+            "initial,never",
+            "\u{0}",
+        ] {
+            assert_eq!(Mode::parse(bad), Err(ConfigError::BadMode(bad.to_string())));
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Why one attempt ended.
+mod review;
 mod snapshot;
 mod stream;
 
@@ -40,6 +41,9 @@ enum Stop {
     Fatal(String),
     /// A change could not be applied; `at` identifies it for the skip strategy.
     Apply { msg: String, at: Option<(u64, u64)> },
+    /// The schema review of mode `schemasync` ended (resume): start over in
+    /// mode `initial`.
+    Reviewed,
 }
 
 impl From<SourceError> for Stop {
@@ -65,6 +69,10 @@ pub fn run(ctx: &WorkerContext) {
         match outcome {
             Stop::Shutdown => break,
             Stop::Restart => {
+                backoff = Duration::from_millis(10);
+            }
+            Stop::Reviewed => {
+                mode = Mode::Initial;
                 backoff = Duration::from_millis(10);
             }
             Stop::Fatal(msg) => {
@@ -374,7 +382,10 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
     )??;
     let dest_names = sqlgen::destination_names(&tables);
 
-    if mode.streams() {
+    // A schema review streams nothing yet: the publication and the slot are
+    // made by the start that follows the resume (see `review`).
+    let prepares_stream = mode.streams() && mode != Mode::SchemaSync;
+    if prepares_stream {
         let publication = info.publication_name(&object);
         let spec = source::PublicationSpec {
             name: &publication,
@@ -389,7 +400,7 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
         )??;
     }
     let mut fresh_slot_at: Option<u64> = None;
-    if mode.streams() && block(rt, source::slot_position(&client, &object))??.is_none() {
+    if prepares_stream && block(rt, source::slot_position(&client, &object))??.is_none() {
         fresh_slot_at = Some(block(rt, source::create_slot(&client, &object))??);
     }
 
@@ -432,7 +443,12 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
         .collect();
     let schema_only: Vec<TableRef> = tables
         .iter()
-        .filter(|t| mode == Mode::NoData && !stored.get(*t).is_some_and(|s| s.ready || s.forced))
+        .filter(|t| match mode {
+            Mode::NoData => !stored.get(*t).is_some_and(|s| s.ready || s.forced),
+            // Every table without a finished copy, for the review.
+            Mode::SchemaSync => !stored.get(*t).is_some_and(|s| s.ready),
+            _ => false,
+        })
         .cloned()
         .collect();
 
@@ -482,12 +498,25 @@ fn attempt_inner(ctx: &WorkerContext, mode: Mode, skip: &mut Vec<(u64, u64)>) ->
                     0,
                     Some(&cols),
                 );
+                if mode == Mode::SchemaSync {
+                    // Built, not copied: the start after the review copies
+                    // it (a copy owed whatever the mode stays owed).
+                    if stored.get(t).is_some_and(|s| s.forced) {
+                        schema::request_copy(&ctx.name, t, &dst_schema, &dst);
+                    } else {
+                        schema::mark_for_copy(&ctx.name, t, shape.oid);
+                    }
+                }
             })
             .map_err(|e| Stop::Apply {
                 msg: format!("creating {dst_schema}.{dst}: {e}"),
                 at: None,
             })?;
         }
+    }
+    if mode == Mode::SchemaSync {
+        drop(client);
+        return review::hold_for_review(ctx, rt);
     }
     let forced = copy.iter().any(|t| stored.get(t).is_some_and(|s| s.forced));
     if (plan.may_copy() || forced) && !copy.is_empty() {

@@ -15,6 +15,10 @@ pub(super) struct Plan<'a> {
 impl Plan<'_> {
     /// Whether this start copies table `t` (whose state is `stored`).
     pub(super) fn copies(&self, t: &TableRef, stored: Option<&StoredTable>) -> bool {
+        if self.mode == Mode::SchemaSync {
+            // Copied by the start after the schema review.
+            return false;
+        }
         if stored.is_some_and(|s| s.forced) {
             // Rows the stream cannot bring (written before the table joined
             // the publication): copied in every mode but never.
@@ -30,7 +34,7 @@ impl Plan<'_> {
                 let selected = self.snap_filter.is_none_or(|list| list.contains(t));
                 selected || ready.is_none() || gap
             }
-            Mode::NoData | Mode::Never => false,
+            Mode::NoData | Mode::Never | Mode::SchemaSync => false,
         }
     }
 

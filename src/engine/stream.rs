@@ -591,7 +591,7 @@ pub(super) struct LiveCatalog<'r> {
 
 pub(super) fn stop_text(s: Stop) -> String {
     match s {
-        Stop::Shutdown | Stop::Restart => "the connector is stopping".into(),
+        Stop::Shutdown | Stop::Restart | Stop::Reviewed => "the connector is stopping".into(),
         Stop::Source(m) | Stop::Fatal(m) | Stop::Apply { msg: m, .. } => m,
     }
 }

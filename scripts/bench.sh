@@ -2,6 +2,7 @@
 # Benchmark: synchdb against PostgreSQL's native logical replication
 # (CREATE SUBSCRIPTION) on the same two clusters and the same pgbench data.
 #   ./scripts/bench.sh [SCALE] [BACKLOG_TRANSACTIONS] [ROUNDS]
+#   (env BIG_ROWS, default 2000000: rows of the large transaction (d); 0 skips it)
 # (a) snapshot: time from start until every pgbench table is copied;
 # (b) catch-up: with both replicas stopped, pgbench runs BACKLOG TPC-B
 #     transactions on the source; time from restart until each replica has
@@ -135,7 +136,64 @@ median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? 
 CATCH_SYNCHDB=$(median "${S_TIMES[@]}")
 CATCH_NATIVE=$(median "${N_TIMES[@]}")
 
+# --- (d) one large transaction (streaming of in-progress transactions) ---
+# BIG_ROWS (default 2000000; e.g. BIG_ROWS=10000000) rows inserted by one
+# source transaction; time from its start until the replica shows it, for
+# synchdb (pgoutput streaming, spooled, see README "Large transactions") and
+# for native with `streaming = on`, each alone; and the synchdb worker's
+# peak resident memory (VmHWM, which counts the shared buffers it touched).
+# BIG_ROWS=0 skips it.
+BIG_ROWS=${BIG_ROWS:-2000000}
+BIG_LINE=""
+big_transaction() {
+    local t hwm spid s n
+    echo "== (d) one large transaction of $BIG_ROWS rows"
+    src -c "CREATE TABLE big_txn (id bigint PRIMARY KEY, v text NOT NULL, n int NOT NULL)"
+    nat -c "CREATE TABLE big_txn (id bigint PRIMARY KEY, v text NOT NULL, n int NOT NULL)"
+    nat -c "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null 2>&1 || true
+    nat -c "ALTER SUBSCRIPTION bench_native REFRESH PUBLICATION" -c "ALTER SUBSCRIPTION bench_native SET (streaming = on)" >/dev/null
+    if [ "$(dst -Atc "SELECT count(*) FROM synchdb_state_view WHERE name = 'bench' AND pid > 0")" = 0 ]; then
+        dst -c "SELECT synchdb_start_engine_bgw('bench')" >/dev/null
+    fi
+    wait_sql nat "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'" 0 300
+    src -c "INSERT INTO big_txn VALUES (0, 'warm-up', 0)"
+    wait_sql dst "SELECT count(*) FROM pg_tables WHERE schemaname = 'postgres' AND tablename = 'big_txn'" 1 300
+    wait_sql dst "SELECT EXISTS (SELECT 1 FROM postgres.big_txn WHERE id = 0)" t 300
+    wait_sql nat "SELECT EXISTS (SELECT 1 FROM big_txn WHERE id = 0)" t 300
+    spid=$(dst -Atc "SELECT pid FROM synchdb_state_view WHERE name = 'bench'")
+    # synchdb alone (a key lookup shows when the whole transaction is visible)
+    nat -c "ALTER SUBSCRIPTION bench_native DISABLE" >/dev/null
+    t=$(now)
+    src -c "INSERT INTO big_txn SELECT g, md5(g::text), 0 FROM generate_series(1, $BIG_ROWS) g"
+    wait_sql dst "SELECT EXISTS (SELECT 1 FROM postgres.big_txn WHERE id = $BIG_ROWS)" t 14400
+    s=$(elapsed "$t")
+    hwm=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$spid/status")
+    [ "$(dst -Atc "SELECT count(*) FROM postgres.big_txn")" = "$((BIG_ROWS + 1))" ] || { echo "synchdb big_txn mismatch" >&2; exit 1; }
+    dst -c "SELECT synchdb_stop_engine_bgw('bench')" >/dev/null
+    # native alone, once it has applied the first one (not timed)
+    nat -c "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null
+    wait_sql nat "SELECT EXISTS (SELECT 1 FROM big_txn WHERE id = $BIG_ROWS)" t 14400
+    t=$(now)
+    src -c "INSERT INTO big_txn SELECT g, md5(g::text), 0 FROM generate_series($BIG_ROWS + 1, 2 * $BIG_ROWS) g"
+    wait_sql nat "SELECT EXISTS (SELECT 1 FROM big_txn WHERE id = 2 * $BIG_ROWS)" t 14400
+    n=$(elapsed "$t")
+    [ "$(nat -Atc "SELECT count(*) FROM big_txn")" = "$((2 * BIG_ROWS + 1))" ] || { echo "native big_txn mismatch" >&2; exit 1; }
+    printf "   synchdb %.2fs (peak RSS %d MB), native %.2fs\n" "$s" "$((hwm / 1024))" "$n"
+    BIG_LINE=$(printf "%-10s %12.2f %12.2f %8.2f   (%d rows in one transaction; synchdb worker peak RSS %d MB)" \
+        big-txn "$s" "$n" "$(echo "$s / $n" | bc -l)" "$BIG_ROWS" "$((hwm / 1024))")
+}
+if [ "$BIG_ROWS" -gt 0 ]; then
+    big_transaction
+fi
+# --- end of (d) ---
+
 echo
 printf "%-10s %12s %12s %8s\n" "" "synchdb(s)" "native(s)" "ratio"
 printf "%-10s %12.2f %12.2f %8.2f\n" snapshot "$SNAP_SYNCHDB" "$SNAP_NATIVE" "$(echo "$SNAP_SYNCHDB / $SNAP_NATIVE" | bc -l)"
 printf "%-10s %12.2f %12.2f %8.2f\n" catch-up "$CATCH_SYNCHDB" "$CATCH_NATIVE" "$(echo "$CATCH_SYNCHDB / $CATCH_NATIVE" | bc -l)"
+# --- (d) large transaction line ---
+if [ -n "$BIG_LINE" ]; then
+    echo
+    printf "%-10s %12s %12s %8s\n" "" "synchdb(s)" "native(s)" "ratio"
+    echo "$BIG_LINE"
+fi

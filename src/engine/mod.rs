@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 /// Why one attempt ended.
 mod review;
 mod snapshot;
+mod spool;
 mod stream;
 
 use snapshot::*;

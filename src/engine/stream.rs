@@ -87,6 +87,9 @@ impl PublicationWatch {
     }
 }
 
+use super::spool::SpoolError;
+use crate::source::decode::Decoded;
+
 pub(super) fn replication_config(info: &ConnInfo) -> replication::Config {
     replication::Config {
         host: info.hostname.clone(),
@@ -102,13 +105,19 @@ pub(super) fn replication_config(info: &ConnInfo) -> replication::Config {
     }
 }
 
-/// The pgoutput options of START_REPLICATION for this source: protocol
-/// version 1 (every server from 10 on speaks it) and the publication.
-pub(super) fn plugin_options(publication: &str) -> String {
-    format!(
-        "proto_version '1', publication_names {}",
-        replication::quote_literal(&replication::quote_ident(publication))
-    )
+/// The pgoutput options of START_REPLICATION for a source of
+/// `server_version` (as `server_version_num`): protocol version 1 for
+/// sources 10 to 13; from 14 on, protocol version 2 with `streaming 'on'`,
+/// so a large transaction's changes come while it runs (see `spool`).
+/// 16 on also offer `'parallel'` with protocol 4, which only adds the
+/// abort's position for parallel apply workers: not needed here.
+pub(super) fn plugin_options(publication: &str, server_version: i32) -> String {
+    let publication = replication::quote_literal(&replication::quote_ident(publication));
+    if server_version >= 140000 {
+        format!("proto_version '2', streaming 'on', publication_names {publication}")
+    } else {
+        format!("proto_version '1', publication_names {publication}")
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -130,12 +139,26 @@ pub(super) fn stream(
     let cfg = replication_config(info);
     let session = block(rt, replication::Session::connect(&cfg))?
         .map_err(|e| Stop::Source(format!("replication connection: {e}")))?;
+    // The version of the server this session reached (the catalog
+    // connection's when it did not say).
+    let server_version = session
+        .server_version()
+        .unwrap_or_else(source::server_version);
+    // Streamed transactions left by an earlier session are sent again from
+    // their start: their files go now.
+    let mut spool = super::spool::Spool::open(super::spool::connector_dir(
+        u32::from(unsafe { pg_sys::MyDatabaseId }),
+        &ctx.name,
+    ))
+    .map_err(|e| Stop::Fatal(e.to_string()))?;
+    // Between a Begin and its Commit (no Stream message may come then).
+    let mut remote_open = false;
     let mut client = block(
         rt,
         session.start(
             object,
             start,
-            &plugin_options(&info.publication_name(object)),
+            &plugin_options(&info.publication_name(object), server_version),
             4096,
         ),
     )?
@@ -328,11 +351,8 @@ pub(super) fn stream(
             Event::XLogData {
                 wal_start, data, ..
             } => {
-                let decoded = decode::decode_bytes(&data);
-                // The message's values are slices of `data`: only they keep it now.
-                drop(data);
-                match decoded {
-                    Ok(msg) => Incoming::Message(msg, wal_start),
+                let decoded = match decode::decode_streamed(&data, spool.in_block()) {
+                    Ok(d) => d,
                     Err(e) => {
                         applier.abort();
                         return Err(Stop::Source(format!(
@@ -340,10 +360,63 @@ pub(super) fn stream(
                             crate::lsn::format_lsn(wal_start)
                         )));
                     }
+                };
+                // Streamed blocks go to the spool as received; nothing of
+                // them is applied (or confirmed) before their commit.
+                let handled = match decoded {
+                    Decoded::Message { msg, .. } if !spool.in_block() => {
+                        match msg {
+                            Message::Begin { .. } => remote_open = true,
+                            Message::Commit { .. } => remote_open = false,
+                            _ => {}
+                        }
+                        // The message's values are slices of `data`: only they keep it now.
+                        drop(data);
+                        Ok(Some(Incoming::Message(msg, wal_start)))
+                    }
+                    Decoded::Message { xid, msg } => {
+                        drop(msg);
+                        spool.write(xid, wal_start, &data).map(|_| None)
+                    }
+                    _ if remote_open => Err(SpoolError::Protocol(
+                        "a Stream message between a Begin and its Commit".into(),
+                    )),
+                    Decoded::StreamStart { xid, first } => spool.start(xid, first).map(|_| None),
+                    Decoded::StreamStop => spool.stop().map(|_| None),
+                    Decoded::StreamAbort { xid, subxid, .. } => {
+                        spool.abort(xid, subxid).map(|_| None)
+                    }
+                    Decoded::StreamCommit {
+                        xid,
+                        commit_lsn,
+                        end_lsn,
+                        commit_ts,
+                        ..
+                    } => Ok(Some(Incoming::StreamCommit {
+                        xid,
+                        commit_lsn,
+                        end_lsn,
+                        commit_ts,
+                    })),
+                };
+                match handled {
+                    Ok(Some(incoming)) => incoming,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        applier.abort();
+                        return Err(Stop::Source(format!(
+                            "{e} (at {})",
+                            crate::lsn::format_lsn(wal_start)
+                        )));
+                    }
                 }
             }
             Event::KeepAlive { wal_end } => Incoming::KeepAlive(wal_end),
         };
+        // Set when a committed streamed transaction cannot be read back.
+        let mut spool_failed: Option<SpoolError> = None;
+        // Set when a stop request interrupts the apply of one.
+        let mut replay_stopped = false;
         let outcome = pgtxn::catch(|| match incoming {
             Incoming::Message(
                 Message::Begin {
@@ -376,6 +449,59 @@ pub(super) fn stream(
                 applier.apply(msg, wal_start);
                 None
             }
+            Incoming::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_ts,
+            } => {
+                // The spooled transaction, applied in one local
+                // transaction exactly as if it had come between Begin
+                // and Commit.
+                slot.set_state(State::Executing);
+                let replay = match spool.replay(xid) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        spool_failed = Some(e);
+                        return None;
+                    }
+                };
+                applier.begin(commit_lsn, xid, commit_ts);
+                for (n, rec) in replay.enumerate() {
+                    // A large one does not hold up a stop request: what
+                    // was applied of it is rolled back.
+                    if n % 1024 == 1023 && crate::control::worker::stopping() {
+                        replay_stopped = true;
+                        return None;
+                    }
+                    let msg = rec.and_then(|(wal_start, raw)| {
+                        match decode::decode_streamed(&raw, true) {
+                            Ok(Decoded::Message { msg, .. }) => Ok((msg, wal_start)),
+                            Ok(other) => Err(SpoolError::Io(format!(
+                                "a spooled message of transaction {xid} is {other:?}"
+                            ))),
+                            Err(e) => Err(SpoolError::Io(format!(
+                                "a spooled message of transaction {xid} does not decode: {e}"
+                            ))),
+                        }
+                    });
+                    match msg {
+                        Ok((msg, wal_start)) => applier.apply(msg, wal_start),
+                        Err(e) => {
+                            spool_failed = Some(e);
+                            return None;
+                        }
+                    }
+                }
+                let local_end = applier.commit(commit_lsn, end_lsn, commit_ts);
+                if let Err(e) = spool.finish(xid) {
+                    spool_failed = Some(e);
+                }
+                Some(Progress::Committed {
+                    remote_end: end_lsn,
+                    local_end,
+                })
+            }
             Incoming::KeepAlive(wal_end) => {
                 if !applier.in_transaction() {
                     Some(Progress::Idle(wal_end))
@@ -384,6 +510,16 @@ pub(super) fn stream(
                 }
             }
         });
+        if replay_stopped {
+            applier.abort();
+            return Ok(());
+        }
+        if let Some(e) = spool_failed {
+            // What of it was applied is rolled back; the source sends
+            // it again from its start.
+            applier.abort();
+            return Err(Stop::Source(e.to_string()));
+        }
         match outcome {
             Ok(Some(Progress::Committed {
                 remote_end,
@@ -398,17 +534,19 @@ pub(super) fn stream(
             Ok(Some(Progress::Idle(wal_end))) => {
                 // Between transactions with nothing pending: everything the
                 // server sent before this keepalive is applied and durable.
+                // Not while a streamed transaction is spooled: nothing
+                // past the last applied commit is confirmed then.
                 if let Some(lsn) = flush.durable(local_flush_lsn()) {
                     client.update_applied_lsn(lsn);
                 }
-                if flush.is_empty() {
+                if flush.is_empty() && spool.is_empty() {
                     client.update_applied_lsn(wal_end);
+                    let end = wal_end;
+                    slot.stats(|s| {
+                        s.received_lsn = s.received_lsn.max(end);
+                        s.applied_lsn = s.applied_lsn.max(end);
+                    });
                 }
-                let end = wal_end;
-                slot.stats(|s| {
-                    s.received_lsn = s.received_lsn.max(end);
-                    s.applied_lsn = s.applied_lsn.max(end);
-                });
             }
             Ok(None) => {}
             Err(e) => {
@@ -535,6 +673,13 @@ pub(super) enum Incoming {
     Message(Message, u64),
     /// A keepalive: the server has sent everything before this position.
     KeepAlive(u64),
+    /// A streamed transaction committed: its spooled changes are applied.
+    StreamCommit {
+        xid: u32,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_ts: i64,
+    },
 }
 
 /// What handling one replication event achieved.
@@ -644,7 +789,21 @@ impl apply::SourceCatalog for LiveCatalog<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::FlushTracker;
+    use super::{plugin_options, FlushTracker};
+
+    #[test]
+    fn streaming_from_14_on() {
+        assert_eq!(
+            plugin_options("p\"ub", 130012),
+            "proto_version '1', publication_names '\"p\"\"ub\"'"
+        );
+        for v in [140000, 150004, 160000, 180000] {
+            assert_eq!(
+                plugin_options("pub", v),
+                "proto_version '2', streaming 'on', publication_names '\"pub\"'"
+            );
+        }
+    }
 
     #[test]
     fn feedback_never_runs_ahead_of_local_flush() {

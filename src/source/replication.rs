@@ -163,6 +163,9 @@ impl Conn {
 /// A replication session before streaming.
 pub struct Session {
     conn: Conn,
+    /// `server_version_num` of the server, from its `server_version`
+    /// parameter status at startup.
+    server_version: Option<i32>,
 }
 
 impl Session {
@@ -218,6 +221,7 @@ impl Session {
         let mut scram: Option<ScramSha256> = None;
         // SCRAM started and the server's signature checked (SASL final).
         let mut scram_verified = false;
+        let mut server_version = None;
         loop {
             let (tag, body) = conn.frame().await?;
             match tag {
@@ -301,10 +305,30 @@ impl Session {
                     }
                 }
                 b'E' => return Err(parse_error(&body)),
-                b'Z' => return Ok(Session { conn }),
+                b'S' => {
+                    let mut parts = body.split(|b| *b == 0);
+                    if parts.next() == Some(b"server_version".as_slice()) {
+                        server_version = parts
+                            .next()
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(parse_server_version);
+                    }
+                }
+                b'Z' => {
+                    return Ok(Session {
+                        conn,
+                        server_version,
+                    })
+                }
                 _ => {}
             }
         }
+    }
+
+    /// The server's version as `server_version_num` (e.g. 150004), when it
+    /// said at startup.
+    pub fn server_version(&self) -> Option<i32> {
+        self.server_version
     }
 
     /// Runs one statement; returns its rows as text (NULL as `None`).
@@ -394,6 +418,24 @@ fn sasl_choice(
         _ => Err(ReplError::Protocol(
             "the source offers no supported SASL mechanism".into(),
         )),
+    }
+}
+
+/// `server_version_num` from the `server_version` parameter ("15.4",
+/// "16beta1", "13.12 (Debian 13.12-1)", "9.6.24"); None when unreadable.
+pub fn parse_server_version(v: &str) -> Option<i32> {
+    let num = |s: &str| -> Option<i32> {
+        let digits: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();
+        digits.parse().ok()
+    };
+    let mut parts = v.trim().split('.');
+    let major = num(parts.next()?)?;
+    let minor = parts.next().and_then(num).unwrap_or(0);
+    if major >= 10 {
+        Some(major.checked_mul(10000)?.checked_add(minor)?)
+    } else {
+        let patch = parts.next().and_then(num).unwrap_or(0);
+        Some(major * 10000 + minor * 100 + patch)
     }
 }
 
@@ -630,6 +672,22 @@ async fn stream_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_versions() {
+        assert_eq!(parse_server_version("15.4"), Some(150004));
+        assert_eq!(
+            parse_server_version("13.12 (Debian 13.12-1.pgdg120+1)"),
+            Some(130012)
+        );
+        assert_eq!(parse_server_version("16beta1"), Some(160000));
+        assert_eq!(parse_server_version("18.0"), Some(180000));
+        assert_eq!(parse_server_version("10.23"), Some(100023));
+        assert_eq!(parse_server_version("9.6.24"), Some(90624));
+        assert_eq!(parse_server_version(""), None);
+        assert_eq!(parse_server_version("x.y"), None);
+        assert_eq!(parse_server_version("99999999999.1"), None);
+    }
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];

@@ -11,6 +11,10 @@
 //! `no error`. Every failure prints the seed, the reproduction command and
 //! the step log (each statement and each fault, in order).
 //!
+//! On sources from 14 on, `logical_decoding_work_mem` is 64kB (override:
+//! `SYNCHDB_CHAOS_DECODING_MEM`), so larger transactions are streamed while
+//! in progress and spooled by the connector.
+//!
 //! `SYNCHDB_CHAOS_SEEDS` (comma list) and `SYNCHDB_CHAOS_SECS` (workload
 //! duration per seed) choose the runs; `SYNCHDB_CHAOS_SETTLE_SECS` bounds the
 //! wait for convergence; `SYNCHDB_CHAOS_SKIP` (comma list of operation
@@ -263,6 +267,20 @@ impl Chaos {
             15 => Pair::new(),
             v => Pair::with_clusters(Cluster::source_version(v), Cluster::destination()),
         };
+        // Sources from 14 on stream a transaction while it runs once its
+        // changes exceed logical_decoding_work_mem: a small setting sends the
+        // workload's larger transactions (with their savepoints and
+        // rollbacks) through the connector's spool, and the faults hit it
+        // mid-stream. SYNCHDB_CHAOS_DECODING_MEM overrides it (64MB: as
+        // before, nothing streamed).
+        if source_major() >= 14 {
+            let mem = std::env::var("SYNCHDB_CHAOS_DECODING_MEM").unwrap_or_else(|_| "64kB".into());
+            pair.src.execute(&format!(
+                "ALTER SYSTEM SET logical_decoding_work_mem = '{}'",
+                mem.replace('\'', "")
+            ));
+            pair.src.execute("SELECT pg_reload_conf()");
+        }
         Chaos {
             seed,
             rng: Rng(seed ^ 0x5EED_C4A0_5EED_C4A0),

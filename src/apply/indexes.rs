@@ -393,6 +393,18 @@ pub fn copy_indexes(
     if list.is_empty() {
         return;
     }
+    // Plain key and INCLUDE columns follow the object mappings' renames
+    // (an expression naming a renamed column fails with a WARNING below).
+    let maps = crate::apply::mapping::current();
+    let mut list = list;
+    for ix in list.iter_mut() {
+        for k in ix.keys.iter_mut() {
+            k.expr = maps.index_column(t, &k.expr);
+        }
+        for c in ix.include.iter_mut() {
+            *c = maps.index_column(t, c);
+        }
+    }
     let Some(table_oid) = crate::apply::schema::relid(dst_schema, dst_table) else {
         return;
     };

@@ -559,6 +559,25 @@ impl Mappings {
         self.types.iter().find(|(o, _)| *o == oid).map(|(_, tt)| tt)
     }
 
+    /// An index key or INCLUDE column as the source deparses it, with a
+    /// renamed column's destination name (other keys as they are).
+    pub fn index_column(&self, t: &TableRef, expr: &str) -> String {
+        let quoted = expr.starts_with('"');
+        let plain = quoted
+            || expr
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+        match split_path(expr) {
+            Ok(parts) if plain && parts.len() == 1 => {
+                match self.columns.get(&(t.clone(), parts[0].clone())) {
+                    Some(d) => format!("\"{}\"", d.replace('"', "\"\"")),
+                    None => expr.to_string(),
+                }
+            }
+            _ => expr.to_string(),
+        }
+    }
+
     pub fn transform(&self, t: &TableRef, col: &str) -> Option<&str> {
         self.transforms
             .get(&(t.clone(), col.to_string()))
@@ -832,6 +851,10 @@ mod tests {
         assert_eq!(s.columns[2].ty, ColumnType::Builtin("integer[]".into()));
         assert_eq!(s.primary_key, vec!["order_id".to_string()]);
         assert_eq!(m.source_column(&t, "order_id"), "id");
+        assert_eq!(m.index_column(&t, "id"), "\"order_id\"");
+        assert_eq!(m.index_column(&t, "note"), "note");
+        assert_eq!(m.index_column(&t, "lower(id)"), "lower(id)");
+        assert_eq!(m.index_column(&t, "\"Id\""), "\"Id\"");
         assert_eq!(m.source_column(&t, "note"), "note");
         let rel = Relation {
             id: 1,

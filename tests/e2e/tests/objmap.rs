@@ -61,6 +61,10 @@ fn literal(s: &str) -> String {
 #[test]
 fn table_column_and_datatype_mappings_in_snapshot_cdc_and_schema_changes() {
     let pair = Pair::new();
+    pair.src.execute(
+        "CREATE INDEX orders_customer_idx ON public.orders (customer) INCLUDE (amount);
+         CREATE INDEX orders_lower_idx ON public.orders (lower(customer));",
+    );
     pair.add_connector("om");
     objmap(
         &pair,
@@ -118,6 +122,24 @@ fn table_column_and_datatype_mappings_in_snapshot_cdc_and_schema_changes() {
     assert_eq!(
         column_type(&pair, "postgres.customers", "name").as_deref(),
         Some("character varying(40)")
+    );
+
+    // A secondary index on a renamed column is built on its new name; an
+    // expression naming it is not (a WARNING says so).
+    assert_eq!(
+        pair.dst.query_one_string(
+            "SELECT indexdef FROM pg_indexes
+              WHERE schemaname = 'public' AND indexname = 'orders_customer_idx'"
+        ),
+        Some(
+            "CREATE INDEX orders_customer_idx ON public.orders_copy USING btree (buyer) INCLUDE (amount)"
+                .into()
+        )
+    );
+    assert_eq!(
+        pair.dst
+            .count("SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_lower_idx'"),
+        0
     );
 
     // synchdb_att_view: each source column and what it became.

@@ -2,13 +2,23 @@
 # Benchmark: synchdb against PostgreSQL's native logical replication
 # (CREATE SUBSCRIPTION) on the same two clusters and the same pgbench data.
 #   ./scripts/bench.sh [SCALE] [BACKLOG_TRANSACTIONS] [ROUNDS]
+#   (env LAG_SECONDS, default 120: length of the lag run; 0 skips it;
+#    SMALL_TABLES, default 200: tables of the many-small-tables snapshot)
 #   (env BIG_ROWS, default 2000000: rows of the large transaction (d); 0 skips it)
 # (a) snapshot: time from start until every pgbench table is copied;
+# (a2) snapshot of many small tables (SMALL_TABLES of 1000 rows, in a
+#     database of their own), synchdb in initial_only against a native
+#     subscription;
 # (b) catch-up: with both replicas stopped, pgbench runs BACKLOG TPC-B
 #     transactions on the source; time from restart until each replica has
 #     applied all of them; ROUNDS rounds (default 3), the order of the two
 #     replicas alternating, the median reported. Prints both times and the
-#     ratio synchdb/native.
+#     ratio synchdb/native;
+# (c) lag: pgbench at a fixed rate (half of what the source sustains) for
+#     LAG_SECONDS while both replicas apply it; per transaction, the lag is
+#     the destination commit time minus the source commit time (both from
+#     track_commit_timestamp, the clusters share a clock); p50/p95/p99 for
+#     each replica, and the CPU and memory of the apply process.
 # Release build; each measurement runs alone (the other replica is idle).
 # Before (b) both replicas' tables and indexes are loaded into the
 # destination's shared buffers (pg_prewarm), so that neither side pays for
@@ -55,6 +65,7 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = '$WORK'
 wal_level = logical
 max_wal_size = 4GB
+track_commit_timestamp = on
 CONF
 cat >> "$WORK/dst/postgresql.conf" <<CONF
 port = $DST_PORT
@@ -64,6 +75,7 @@ shared_preload_libraries = 'synchdb'
 shared_buffers = 1GB
 max_wal_size = 4GB
 max_worker_processes = 16
+track_commit_timestamp = on
 CONF
 as_pg "$BIN/pg_ctl" -D "$WORK/src" -l "$WORK/src.log" -w start >/dev/null
 as_pg "$BIN/pg_ctl" -D "$WORK/dst" -l "$WORK/dst.log" -w start >/dev/null
@@ -91,6 +103,36 @@ nat -c "CREATE SUBSCRIPTION bench_native CONNECTION 'host=127.0.0.1 port=$SRC_PO
 wait_sql nat "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'" 0 3600
 SNAP_NATIVE=$(elapsed "$T")
 echo "   native:  ${SNAP_NATIVE}s"
+
+SMALL_TABLES=${SMALL_TABLES:-200}
+if [ "$SMALL_TABLES" -gt 0 ]; then
+    echo "== (a2) snapshot of $SMALL_TABLES small tables (1000 rows each)"
+    src -c "CREATE DATABASE small"
+    psql -X -q -h "$WORK" -p "$SRC_PORT" -U postgres -d small -c "
+        DO \$\$ BEGIN FOR i IN 1..$SMALL_TABLES LOOP
+            EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY, v text, n numeric)', i);
+            EXECUTE format('INSERT INTO t%s SELECT g, md5(g::text), g * 1.5 FROM generate_series(1, 1000) g', i);
+        END LOOP; END \$\$" -c "CREATE PUBLICATION small_native FOR ALL TABLES"
+    dst -c "CREATE DATABASE native_small"
+    as_pg "$BIN/pg_dump" -h "$WORK" -p "$SRC_PORT" -U postgres -s small \
+        | psql -X -q -h "$WORK" -p "$DST_PORT" -U postgres -d native_small >/dev/null 2>&1
+    T=$(now)
+    dst -c "SELECT synchdb_add_conninfo('small','127.0.0.1',$SRC_PORT,'postgres','','small','public','null','null','postgres')" \
+        -c "SELECT synchdb_start_engine_bgw('small', 'initial_only')" >/dev/null
+    wait_sql dst "SELECT count(*) FROM synchdb_table_state WHERE name = 'small' AND state = 'ready'" "$SMALL_TABLES" 3600
+    SMALL_SYNCHDB=$(elapsed "$T")
+    echo "   synchdb: ${SMALL_SYNCHDB}s"
+    T=$(now)
+    psql -X -q -h "$WORK" -p "$DST_PORT" -U postgres -d native_small \
+        -c "CREATE SUBSCRIPTION small_native CONNECTION 'host=127.0.0.1 port=$SRC_PORT dbname=small user=postgres' PUBLICATION small_native"
+    until [ "$(psql -X -h "$WORK" -p "$DST_PORT" -U postgres -d native_small -Atc \
+        "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate = 'r'")" = "$SMALL_TABLES" ]; do sleep 0.05; done
+    SMALL_NATIVE=$(elapsed "$T")
+    echo "   native:  ${SMALL_NATIVE}s"
+    [ "$(dst -Atc "SELECT count(*) FROM small.t$SMALL_TABLES")" = 1000 ] || { echo "small table row count mismatch"; exit 1; }
+    psql -X -q -h "$WORK" -p "$DST_PORT" -U postgres -d native_small -c "ALTER SUBSCRIPTION small_native DISABLE"
+    dst -c "SELECT synchdb_stop_engine_bgw('small')" >/dev/null 2>&1 || true
+fi
 
 echo "== (b) catch-up of $BACKLOG pgbench transactions, $ROUNDS rounds (median)"
 dst -c "SELECT synchdb_stop_engine_bgw('bench')" >/dev/null
@@ -135,6 +177,77 @@ done
 median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 CATCH_SYNCHDB=$(median "${S_TIMES[@]}")
 CATCH_NATIVE=$(median "${N_TIMES[@]}")
+
+LAG_SECONDS=${LAG_SECONDS:-120}
+proc_cpu() { # pid -> user+system seconds
+    awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
+}
+proc_kb() { # pid field -> kB
+    awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"
+}
+LAG_LINES=()
+if [ "$LAG_SECONDS" -gt 0 ]; then
+    echo "== (c) lag at a fixed rate for ${LAG_SECONDS}s, both replicas applying"
+    src -c "CREATE TABLE lag_probe (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())" \
+        -c "CREATE SEQUENCE lag_probe_seq"
+    nat -c "CREATE TABLE lag_probe (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+    nat -c "ALTER SUBSCRIPTION bench_native ENABLE" -c "ALTER SUBSCRIPTION bench_native REFRESH PUBLICATION" >/dev/null
+    dst -c "SELECT synchdb_start_engine_bgw('bench')" >/dev/null
+    wait_sql dst "SELECT count(*) FROM synchdb_state_view WHERE name = 'bench' AND stage = 'change data capture'" 1 120
+    wait_sql nat "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'" 0 120
+    cat > "$WORK/lag.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+\set bid random(1, 1 * :scale)
+\set tid random(1, 10 * :scale)
+\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+INSERT INTO lag_probe (id) VALUES (nextval('lag_probe_seq'));
+END;
+SQL
+    chown postgres "$WORK/lag.sql"
+    # What the source sustains with both replicas attached, then half of it.
+    TPS=$(as_pg "$BIN/pgbench" -h "$WORK" -p "$SRC_PORT" -U postgres -c 4 -j 2 -T 10 -n -f "$WORK/lag.sql" postgres 2>/dev/null \
+        | awk '/^tps/ {print int($3)}')
+    RATE=$((TPS / 2))
+    echo "   source sustains ${TPS} tps; running at ${RATE} tps"
+    wait_sql dst "SELECT count(*) FROM postgres.lag_probe" "$(src -Atc "SELECT count(*) FROM lag_probe")" 300
+    wait_sql nat "SELECT count(*) FROM lag_probe" "$(src -Atc "SELECT count(*) FROM lag_probe")" 300
+    SPID=$(dst -Atc "SELECT pid FROM synchdb_state_view WHERE name = 'bench'")
+    NPID=$(nat -Atc "SELECT pid FROM pg_stat_subscription WHERE subname = 'bench_native' AND relid IS NULL")
+    FIRST=$(src -Atc "SELECT coalesce(max(id), 0) FROM lag_probe")
+    S_CPU0=$(proc_cpu "$SPID"); N_CPU0=$(proc_cpu "$NPID"); T=$(now)
+    as_pg "$BIN/pgbench" -h "$WORK" -p "$SRC_PORT" -U postgres -c 4 -j 2 -T "$LAG_SECONDS" -R "$RATE" -n -f "$WORK/lag.sql" postgres >/dev/null 2>&1
+    N_PROBES=$(src -Atc "SELECT count(*) FROM lag_probe")
+    wait_sql dst "SELECT count(*) FROM postgres.lag_probe" "$N_PROBES" 600
+    wait_sql nat "SELECT count(*) FROM lag_probe" "$N_PROBES" 600
+    WALL=$(elapsed "$T")
+    S_CPU=$(echo "$(proc_cpu "$SPID") - $S_CPU0" | bc); N_CPU=$(echo "$(proc_cpu "$NPID") - $N_CPU0" | bc)
+    # Source commit times into the destination, then the percentiles there.
+    dst -c "CREATE TABLE public.lag_src (id bigint PRIMARY KEY, committed timestamptz)"
+    src -c "COPY (SELECT id, pg_xact_commit_timestamp(xmin) FROM lag_probe WHERE id > $FIRST) TO STDOUT" \
+        | dst -c "COPY public.lag_src FROM STDIN"
+    nat -c "CREATE TABLE lag_src (id bigint PRIMARY KEY, committed timestamptz)"
+    src -c "COPY (SELECT id, pg_xact_commit_timestamp(xmin) FROM lag_probe WHERE id > $FIRST) TO STDOUT" \
+        | nat -c "COPY lag_src FROM STDIN"
+    PCT="SELECT to_char(1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY d)), 'FM99990.0') || ' ' ||
+                to_char(1000 * extract(epoch FROM percentile_cont(0.95) WITHIN GROUP (ORDER BY d)), 'FM99990.0') || ' ' ||
+                to_char(1000 * extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY d)), 'FM99990.0') || ' ' || count(*)"
+    read -r S50 S95 S99 SN <<<"$(dst -Atc "$PCT FROM (SELECT pg_xact_commit_timestamp(p.xmin) - s.committed AS d
+        FROM postgres.lag_probe p JOIN public.lag_src s USING (id)) x")"
+    read -r N50 N95 N99 NN <<<"$(nat -Atc "$PCT FROM (SELECT pg_xact_commit_timestamp(p.xmin) - s.committed AS d
+        FROM lag_probe p JOIN lag_src s USING (id)) x")"
+    S_RSS=$(proc_kb "$SPID" VmRSS); S_HWM=$(proc_kb "$SPID" VmHWM)
+    N_RSS=$(proc_kb "$NPID" VmRSS); N_HWM=$(proc_kb "$NPID" VmHWM)
+    LAG_LINES+=("$(printf "%-8s %9s %9s %9s %8s %10s %10s %10s" synchdb "$S50" "$S95" "$S99" "$SN" \
+        "$(echo "100 * $S_CPU / $WALL" | bc)%" "$((S_RSS / 1024))MB" "$((S_HWM / 1024))MB")")
+    LAG_LINES+=("$(printf "%-8s %9s %9s %9s %8s %10s %10s %10s" native "$N50" "$N95" "$N99" "$NN" \
+        "$(echo "100 * $N_CPU / $WALL" | bc)%" "$((N_RSS / 1024))MB" "$((N_HWM / 1024))MB")")
+fi
 
 # --- (d) one large transaction (streaming of in-progress transactions) ---
 # BIG_ROWS (default 2000000; e.g. BIG_ROWS=10000000) rows inserted by one
@@ -190,7 +303,14 @@ fi
 echo
 printf "%-10s %12s %12s %8s\n" "" "synchdb(s)" "native(s)" "ratio"
 printf "%-10s %12.2f %12.2f %8.2f\n" snapshot "$SNAP_SYNCHDB" "$SNAP_NATIVE" "$(echo "$SNAP_SYNCHDB / $SNAP_NATIVE" | bc -l)"
+[ "$SMALL_TABLES" -gt 0 ] && printf "%-10s %12.2f %12.2f %8.2f   (%d tables of 1000 rows)\n" "small" "$SMALL_SYNCHDB" "$SMALL_NATIVE" "$(echo "$SMALL_SYNCHDB / $SMALL_NATIVE" | bc -l)" "$SMALL_TABLES"
 printf "%-10s %12.2f %12.2f %8.2f\n" catch-up "$CATCH_SYNCHDB" "$CATCH_NATIVE" "$(echo "$CATCH_SYNCHDB / $CATCH_NATIVE" | bc -l)"
+if [ "${#LAG_LINES[@]}" -gt 0 ]; then
+    echo
+    echo "lag at ${RATE} tps for ${LAG_SECONDS}s (ms, source commit to destination commit), apply process CPU and memory"
+    printf "%-8s %9s %9s %9s %8s %10s %10s %10s\n" "" p50 p95 p99 txs cpu rss peak_rss
+    printf "%s\n" "${LAG_LINES[@]}"
+fi
 # --- (d) large transaction line ---
 if [ -n "$BIG_LINE" ]; then
     echo

@@ -182,7 +182,16 @@ pub struct Counters {
     pub missing_rows: u64,
 }
 
-/// Applies one remote transaction at a time inside one local transaction.
+/// Source transactions whose local commit is deferred (see `defer_commit`).
+struct Group {
+    end_lsn: u64,
+    commit_ts: i64,
+    transactions: u64,
+    since: std::time::Instant,
+}
+
+/// Applies remote transactions inside local transactions: one each, or
+/// several in one when a backlog is applied (`defer_commit`).
 pub struct Applier<'c> {
     connector: String,
     catalog: &'c mut dyn SourceCatalog,
@@ -210,6 +219,12 @@ pub struct Applier<'c> {
     create_missing: bool,
     dst_schema: String,
     in_xact: bool,
+    /// Source transactions applied in the open local transaction whose
+    /// local commit was deferred (`defer_commit`): a backlog is applied
+    /// several source transactions per local commit, never splitting one.
+    group: Option<Group>,
+    /// Between a source transaction's BEGIN and its COMMIT.
+    in_source: bool,
     /// Whether this transaction opened an SPI connection (only the prepared
     /// statement path needs one; it is opened on first use).
     spi: bool,
@@ -268,6 +283,8 @@ impl<'c> Applier<'c> {
             create_missing,
             dst_schema: dst_schema.to_string(),
             in_xact: false,
+            group: None,
+            in_source: false,
             spi: false,
             final_lsn: 0,
             xid: 0,
@@ -291,10 +308,13 @@ impl<'c> Applier<'c> {
     }
 
     pub fn begin(&mut self, final_lsn: u64, xid: u32, commit_ts: i64) {
-        crate::apply::pgtxn::start();
         self.in_change = false;
-        self.xact_seq += 1;
-        self.spi = false;
+        self.in_source = true;
+        if self.group.is_none() {
+            crate::apply::pgtxn::start();
+            self.xact_seq += 1;
+            self.spi = false;
+        }
         self.in_xact = true;
         self.final_lsn = final_lsn;
         self.xid = xid;
@@ -307,6 +327,64 @@ impl<'c> Applier<'c> {
     /// in the replication origin within it.
     /// Returns the end of the local commit record (for flush tracking).
     pub fn commit(&mut self, commit_lsn: u64, end_lsn: u64, commit_ts: i64) -> u64 {
+        self.defer_commit(commit_lsn, end_lsn, commit_ts);
+        self.commit_group().map(|(_, local)| local).unwrap_or(0)
+    }
+
+    /// Ends the current source transaction without committing the local
+    /// one: the next source transaction continues it, and `commit_group`
+    /// commits them all at once, with the origin position of the last.
+    /// Readers of the destination see whole source transactions only, and
+    /// an error anywhere throws the whole group away (the stream is read
+    /// again from the position before it), so nothing is applied twice.
+    pub fn defer_commit(&mut self, commit_lsn: u64, end_lsn: u64, commit_ts: i64) {
+        let g = self.group.get_or_insert(Group {
+            end_lsn,
+            commit_ts,
+            transactions: 0,
+            since: std::time::Instant::now(),
+        });
+        g.end_lsn = end_lsn;
+        g.commit_ts = commit_ts;
+        g.transactions += 1;
+        self.in_source = false;
+        self.last.lsn_commit = commit_lsn;
+        self.last.lsn = end_lsn;
+        self.last.xid = self.xid;
+        self.last.ts_usec = crate::source::decode::pg_ts_to_unix_usec(commit_ts);
+        if self.last.lsn_proc < commit_lsn && self.last.message_type.is_empty() {
+            self.last.lsn_proc = commit_lsn;
+        }
+    }
+
+    /// Source transactions waiting in the open local transaction, and how
+    /// long the first of them has waited; counted also while the next
+    /// source transaction is being applied.
+    pub fn group_size(&self) -> Option<(u64, std::time::Duration)> {
+        self.group
+            .as_ref()
+            .map(|g| (g.transactions, g.since.elapsed()))
+    }
+
+    /// Like `group_size`, but only between source transactions: the only
+    /// time `commit_group` may run.
+    pub fn group_pending(&self) -> Option<(u64, std::time::Duration)> {
+        self.group_size().filter(|_| !self.in_source)
+    }
+
+    /// Commits the local transaction holding the deferred source
+    /// transactions, recording the last one's end in the replication origin
+    /// within it. Returns (remote end, end of the local commit record).
+    pub fn commit_group(&mut self) -> Option<(u64, u64)> {
+        if self.in_source {
+            return None;
+        }
+        let Group {
+            end_lsn,
+            commit_ts,
+            transactions,
+            ..
+        } = self.group.take()?;
         if self.spi {
             unsafe { pg_sys::SPI_finish() };
             self.spi = false;
@@ -322,15 +400,8 @@ impl<'c> Applier<'c> {
             pg_sys::replorigin_session_origin_timestamp = 0;
         }
         self.in_xact = false;
-        self.counters.transactions += 1;
-        self.last.lsn_commit = commit_lsn;
-        self.last.lsn = end_lsn;
-        self.last.xid = self.xid;
-        self.last.ts_usec = crate::source::decode::pg_ts_to_unix_usec(commit_ts);
-        if self.last.lsn_proc < commit_lsn && self.last.message_type.is_empty() {
-            self.last.lsn_proc = commit_lsn;
-        }
-        local_end
+        self.counters.transactions += transactions;
+        Some((end_lsn, local_end))
     }
 
     /// Throws the current transaction away after an error (and forgets plans,
@@ -340,6 +411,8 @@ impl<'c> Applier<'c> {
             crate::apply::pgtxn::abort();
         }
         self.in_xact = false;
+        self.in_source = false;
+        self.group = None;
         self.spi = false;
         for entry in self.rels.values_mut() {
             entry.plans.clear();
@@ -1039,8 +1112,17 @@ unsafe extern "C-unwind" fn copy_read_cb(
 
 /// Loads COPY text rows from `feed` into the destination table; the columns
 /// are named (generated columns are left to the destination). Returns the
-/// number of rows loaded. Runs inside the caller's transaction.
-pub fn copy_into(schema: &str, table: &str, columns: &[String], feed: Feed<'_>) -> u64 {
+/// number of rows loaded. Runs inside the caller's transaction. `freeze`
+/// (the table was created in this transaction) writes the rows frozen and
+/// the pages all-visible, as `COPY ... FREEZE`: nobody can have seen the
+/// table before, and no later VACUUM or first read has to rewrite them.
+pub fn copy_into(
+    schema: &str,
+    table: &str,
+    columns: &[String],
+    freeze: bool,
+    feed: Feed<'_>,
+) -> u64 {
     let qualified = sqlgen::qualified(schema, table);
     let relid = match Spi::get_one_with_args::<pg_sys::Oid>(
         "SELECT $1::regclass::oid",
@@ -1085,6 +1167,15 @@ pub fn copy_into(schema: &str, table: &str, columns: &[String], feed: Feed<'_>) 
             usercontext::refuse_untrusted_owner(relid, owner);
             usercontext::refuse_row_security(relid, owner);
         }
+        let mut options: *mut pg_sys::List = std::ptr::null_mut();
+        if freeze {
+            let elem = pg_sys::makeDefElem(
+                pg_sys::pstrdup(c"freeze".as_ptr()),
+                pg_sys::makeBoolean(true) as *mut pg_sys::Node,
+                -1,
+            );
+            options = pg_sys::lappend(options, elem as *mut c_void);
+        }
         let n = usercontext::as_role(run_as, || {
             let cstate = pg_sys::BeginCopyFrom(
                 pstate,
@@ -1094,7 +1185,7 @@ pub fn copy_into(schema: &str, table: &str, columns: &[String], feed: Feed<'_>) 
                 false,
                 Some(copy_read_cb),
                 attnames,
-                std::ptr::null_mut(),
+                options,
             );
             let n = pg_sys::CopyFrom(cstate);
             pg_sys::EndCopyFrom(cstate);

@@ -31,6 +31,7 @@ static SNAPSHOT_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 102
 
 /// Upper bound of the retry backoff for source connection problems, in seconds.
 static MAX_RETRY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+static MAX_TRANSACTIONS_PER_COMMIT: GucSetting<i32> = GucSetting::<i32>::new(100);
 
 pub fn init() {
     // Both names of the slot limit note whether they were set (see
@@ -87,13 +88,40 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_int_guc(
+        c"synchdb.max_transactions_per_commit",
+        c"Most source transactions applied in one destination transaction while a backlog is applied.",
+        c"Only when more changes are already waiting; 1 commits every source transaction on its own.",
+        &MAX_TRANSACTIONS_PER_COMMIT,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// How many source transactions one destination transaction may hold.
+pub fn max_transactions_per_commit() -> u64 {
+    u64::try_from(MAX_TRANSACTIONS_PER_COMMIT.get())
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// The connector slot limit: `synchdb.max_connectors` or SynchDB's
 /// `synchdb.max_connector_workers`, whichever was set (in
 /// postgresql.conf, on the command line...); the larger when both were,
-/// the default (30) when neither was.
+/// the default (30) when neither was. Decided once, in the postmaster when
+/// it sizes shared memory, and inherited by every process it starts: a
+/// later check of either setting (`ALTER SYSTEM` validates values through
+/// the hooks that note "set") never changes the size the slots were made
+/// with.
 pub fn max_connectors() -> usize {
+    static DECIDED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let _ = &DECIDED;
+    decide_max_connectors()
+}
+
+fn decide_max_connectors() -> usize {
     use std::sync::atomic::Ordering;
     let ours = MAX_CONNECTORS.get();
     let theirs = MAX_CONNECTOR_WORKERS.get();

@@ -335,18 +335,50 @@ pub(super) fn snapshot_tables(
         let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
         let mut stream = Box::pin(stream);
         let mut copying = progress.table_started(&estimate_of(shape));
+        // The source sends one CopyData message per row: the rows already
+        // received are handed over together (up to FEED_BATCH bytes), and
+        // the runtime is entered only to wait for more.
+        let mut ended = false;
         let mut feed = || -> Result<Option<bytes::Bytes>, String> {
             if crate::control::worker::stopping() {
                 return Err("the connector is stopping".into());
             }
-            match block(rt, stream.next()).map_err(|_| "the connector is stopping".to_string())? {
-                None => Ok(None),
-                Some(Ok(b)) => {
-                    copying.add(crate::control::progress::text_rows(&b), b.len() as u64);
-                    Ok(Some(b))
-                }
-                Some(Err(e)) => Err(source::describe_pg_error(&e)),
+            if ended {
+                return Ok(None);
             }
+            let first = match futures_util::FutureExt::now_or_never(stream.next()) {
+                Some(r) => r,
+                None => block(rt, stream.next())
+                    .map_err(|_| "the connector is stopping".to_string())?,
+            };
+            let first = match first {
+                None => return Ok(None),
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return Err(source::describe_pg_error(&e)),
+            };
+            let mut batch = bytes::BytesMut::new();
+            let mut rows = crate::control::progress::text_rows(&first);
+            while batch.len().max(first.len()) < FEED_BATCH {
+                match futures_util::FutureExt::now_or_never(stream.next()) {
+                    Some(Some(Ok(b))) => {
+                        if batch.is_empty() {
+                            batch.reserve(FEED_BATCH + first.len());
+                            batch.extend_from_slice(&first);
+                        }
+                        rows += crate::control::progress::text_rows(&b);
+                        batch.extend_from_slice(&b);
+                    }
+                    Some(Some(Err(e))) => return Err(source::describe_pg_error(&e)),
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let out = if batch.is_empty() { first } else { batch.freeze() };
+            copying.add(rows, out.len() as u64);
+            Ok(Some(out))
         };
         let loaded = pgtxn::run(|| {
             schema::ensure_user_types(&user_types, dst_schema);
@@ -361,6 +393,7 @@ pub(super) fn snapshot_tables(
                     schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
                 })
             };
+            // Created or emptied (TRUNCATE) in this transaction: rows go in frozen.
             let n = crate::apply::mapping::copy_into(
                 dst_schema, &dst, t, &src_cols, &cols, true, &mut feed,
             );
@@ -434,6 +467,9 @@ pub(super) fn snapshot_tables(
     })?;
     Ok(())
 }
+
+/// Most bytes of COPY rows handed to the destination's COPY at once.
+const FEED_BATCH: usize = 64 * 1024;
 
 /// What `control::progress` shows for a table before its copy.
 fn estimate_of(shape: &SourceTable) -> crate::control::progress::TableEstimate {

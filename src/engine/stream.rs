@@ -325,13 +325,14 @@ pub(super) fn stream(
             }),
         };
         let ev = match ev {
+            Err(_) if applier.group_pending().is_some() => None,
             Err(_) => {
                 if let Some(lsn) = flush.durable(local_flush_lsn()) {
                     client.update_applied_lsn(lsn);
                 }
                 continue;
             }
-            Ok(Ok(Some(ev))) => ev,
+            Ok(Ok(Some(ev))) => Some(ev),
             Ok(Ok(None)) => {
                 applier.abort();
                 return Err(Stop::Source(
@@ -348,9 +349,10 @@ pub(super) fn stream(
         // applied, and the stream is read again from the last applied
         // position.
         let incoming = match ev {
-            Event::XLogData {
+            None => Incoming::CommitGroup,
+            Some(Event::XLogData {
                 wal_start, data, ..
-            } => {
+            }) => {
                 let decoded = match decode::decode_streamed(&data, spool.in_block()) {
                     Ok(d) => d,
                     Err(e) => {
@@ -401,6 +403,9 @@ pub(super) fn stream(
                 };
                 match handled {
                     Ok(Some(incoming)) => incoming,
+                    // Spooled: source transactions whose local commit waits
+                    // are not held open through a streamed block.
+                    Ok(None) if applier.group_pending().is_some() => Incoming::CommitGroup,
                     Ok(None) => continue,
                     Err(e) => {
                         applier.abort();
@@ -411,171 +416,198 @@ pub(super) fn stream(
                     }
                 }
             }
-            Event::KeepAlive { wal_end } => Incoming::KeepAlive(wal_end),
+            Some(Event::KeepAlive { wal_end }) => Incoming::KeepAlive(wal_end),
         };
-        // Set when a committed streamed transaction cannot be read back.
-        let mut spool_failed: Option<SpoolError> = None;
-        // Set when a stop request interrupts the apply of one.
-        let mut replay_stopped = false;
-        let outcome = pgtxn::catch(|| match incoming {
-            Incoming::Message(
-                Message::Begin {
-                    final_lsn,
-                    commit_ts,
+        // Source transactions whose local commit was deferred are committed
+        // before anything but the next transaction's BEGIN is handled.
+        let group_first = applier.group_pending().is_some()
+            && !matches!(
+                incoming,
+                Incoming::Message(Message::Begin { .. }, _) | Incoming::CommitGroup
+            );
+        let queue = [group_first.then_some(Incoming::CommitGroup), Some(incoming)];
+        for incoming in queue.into_iter().flatten() {
+            // Set when a committed streamed transaction cannot be read back.
+            let mut spool_failed: Option<SpoolError> = None;
+            // Set when a stop request interrupts the apply of one.
+            let mut replay_stopped = false;
+            let outcome = pgtxn::catch(|| match incoming {
+                Incoming::Message(
+                    Message::Begin {
+                        final_lsn,
+                        commit_ts,
+                        xid,
+                    },
+                    _,
+                ) => {
+                    slot.set_state(State::Executing);
+                    applier.begin(final_lsn, xid, commit_ts);
+                    None
+                }
+                Incoming::Message(
+                    Message::Commit {
+                        commit_lsn,
+                        end_lsn,
+                        commit_ts,
+                        ..
+                    },
+                    _,
+                ) => {
+                    // With a backlog buffered, the local commit waits for more
+                    // source transactions (bounded in number and time).
+                    let group = applier.group_size().map_or((0, Duration::ZERO), |g| g);
+                    if client.has_buffered()
+                        && group.0 + 1 < gucs::max_transactions_per_commit()
+                        && group.1 < GROUP_MAX_WAIT
+                    {
+                        applier.defer_commit(commit_lsn, end_lsn, commit_ts);
+                        return None;
+                    }
+                    let local_end = applier.commit(commit_lsn, end_lsn, commit_ts);
+                    Some(Progress::Committed {
+                        remote_end: end_lsn,
+                        local_end,
+                    })
+                }
+                Incoming::CommitGroup => {
+                    applier
+                        .commit_group()
+                        .map(|(remote_end, local_end)| Progress::Committed {
+                            remote_end,
+                            local_end,
+                        })
+                }
+                Incoming::Message(msg, wal_start) => {
+                    applier.apply(msg, wal_start);
+                    None
+                }
+                Incoming::StreamCommit {
                     xid,
-                },
-                _,
-            ) => {
-                slot.set_state(State::Executing);
-                applier.begin(final_lsn, xid, commit_ts);
-                None
-            }
-            Incoming::Message(
-                Message::Commit {
                     commit_lsn,
                     end_lsn,
                     commit_ts,
-                    ..
-                },
-                _,
-            ) => {
-                let local_end = applier.commit(commit_lsn, end_lsn, commit_ts);
-                Some(Progress::Committed {
-                    remote_end: end_lsn,
-                    local_end,
-                })
-            }
-            Incoming::Message(msg, wal_start) => {
-                applier.apply(msg, wal_start);
-                None
-            }
-            Incoming::StreamCommit {
-                xid,
-                commit_lsn,
-                end_lsn,
-                commit_ts,
-            } => {
-                // The spooled transaction, applied in one local
-                // transaction exactly as if it had come between Begin
-                // and Commit.
-                slot.set_state(State::Executing);
-                let replay = match spool.replay(xid) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        spool_failed = Some(e);
-                        return None;
-                    }
-                };
-                applier.begin(commit_lsn, xid, commit_ts);
-                for (n, rec) in replay.enumerate() {
-                    // A large one does not hold up a stop request: what
-                    // was applied of it is rolled back.
-                    if n % 1024 == 1023 && crate::control::worker::stopping() {
-                        replay_stopped = true;
-                        return None;
-                    }
-                    let msg = rec.and_then(|(wal_start, raw)| {
-                        match decode::decode_streamed(&raw, true) {
-                            Ok(Decoded::Message { msg, .. }) => Ok((msg, wal_start)),
-                            Ok(other) => Err(SpoolError::Io(format!(
-                                "a spooled message of transaction {xid} is {other:?}"
-                            ))),
-                            Err(e) => Err(SpoolError::Io(format!(
-                                "a spooled message of transaction {xid} does not decode: {e}"
-                            ))),
-                        }
-                    });
-                    match msg {
-                        Ok((msg, wal_start)) => applier.apply(msg, wal_start),
+                } => {
+                    // The spooled transaction, applied in one local
+                    // transaction exactly as if it had come between Begin
+                    // and Commit.
+                    slot.set_state(State::Executing);
+                    let replay = match spool.replay(xid) {
+                        Ok(r) => r,
                         Err(e) => {
                             spool_failed = Some(e);
                             return None;
                         }
+                    };
+                    applier.begin(commit_lsn, xid, commit_ts);
+                    for (n, rec) in replay.enumerate() {
+                        // A large one does not hold up a stop request: what
+                        // was applied of it is rolled back.
+                        if n % 1024 == 1023 && crate::control::worker::stopping() {
+                            replay_stopped = true;
+                            return None;
+                        }
+                        let msg = rec.and_then(|(wal_start, raw)| {
+                            match decode::decode_streamed(&raw, true) {
+                                Ok(Decoded::Message { msg, .. }) => Ok((msg, wal_start)),
+                                Ok(other) => Err(SpoolError::Io(format!(
+                                    "a spooled message of transaction {xid} is {other:?}"
+                                ))),
+                                Err(e) => Err(SpoolError::Io(format!(
+                                    "a spooled message of transaction {xid} does not decode: {e}"
+                                ))),
+                            }
+                        });
+                        match msg {
+                            Ok((msg, wal_start)) => applier.apply(msg, wal_start),
+                            Err(e) => {
+                                spool_failed = Some(e);
+                                return None;
+                            }
+                        }
+                    }
+                    let local_end = applier.commit(commit_lsn, end_lsn, commit_ts);
+                    if let Err(e) = spool.finish(xid) {
+                        spool_failed = Some(e);
+                    }
+                    Some(Progress::Committed {
+                        remote_end: end_lsn,
+                        local_end,
+                    })
+                }
+                Incoming::KeepAlive(wal_end) => {
+                    if !applier.in_transaction() {
+                        Some(Progress::Idle(wal_end))
+                    } else {
+                        None
                     }
                 }
-                let local_end = applier.commit(commit_lsn, end_lsn, commit_ts);
-                if let Err(e) = spool.finish(xid) {
-                    spool_failed = Some(e);
-                }
-                Some(Progress::Committed {
-                    remote_end: end_lsn,
-                    local_end,
-                })
-            }
-            Incoming::KeepAlive(wal_end) => {
-                if !applier.in_transaction() {
-                    Some(Progress::Idle(wal_end))
-                } else {
-                    None
-                }
-            }
-        });
-        if replay_stopped {
-            applier.abort();
-            return Ok(());
-        }
-        if let Some(e) = spool_failed {
-            // What of it was applied is rolled back; the source sends
-            // it again from its start.
-            applier.abort();
-            return Err(Stop::Source(e.to_string()));
-        }
-        match outcome {
-            Ok(Some(Progress::Committed {
-                remote_end,
-                local_end,
-            })) => {
-                flush.committed(remote_end, local_end);
-                publish_stats(slot, &applier, &mut published, remote_end);
-                if let Some(lsn) = flush.durable(local_flush_lsn()) {
-                    client.update_applied_lsn(lsn);
-                }
-            }
-            Ok(Some(Progress::Idle(wal_end))) => {
-                // Between transactions with nothing pending: everything the
-                // server sent before this keepalive is applied and durable.
-                // Not while a streamed transaction is spooled: nothing
-                // past the last applied commit is confirmed then.
-                if let Some(lsn) = flush.durable(local_flush_lsn()) {
-                    client.update_applied_lsn(lsn);
-                }
-                if flush.is_empty() && spool.is_empty() {
-                    client.update_applied_lsn(wal_end);
-                    let end = wal_end;
-                    slot.stats(|s| {
-                        s.received_lsn = s.received_lsn.max(end);
-                        s.applied_lsn = s.applied_lsn.max(end);
-                    });
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let at = applier.failed_change();
-                let e = format!("{e} ({})", applier.context());
-                let resync = applier.resync.take();
-                let late_copy = applier.late_copy.take();
-                let type_oids = applier.current_type_oids();
+            });
+            if replay_stopped {
                 applier.abort();
-                drop(client);
-                if let Some((table, target)) = resync {
-                    return resync_table(ctx, &table, &target);
+                return Ok(());
+            }
+            if let Some(e) = spool_failed {
+                // What of it was applied is rolled back; the source sends
+                // it again from its start.
+                applier.abort();
+                return Err(Stop::Source(e.to_string()));
+            }
+            match outcome {
+                Ok(Some(Progress::Committed {
+                    remote_end,
+                    local_end,
+                })) => {
+                    flush.committed(remote_end, local_end);
+                    publish_stats(slot, &applier, &mut published, remote_end);
+                    if let Some(lsn) = flush.durable(local_flush_lsn()) {
+                        client.update_applied_lsn(lsn);
+                    }
                 }
-                if let Some(table) = late_copy {
-                    owe_copies(
-                        &ctx.name,
-                        mode,
-                        std::slice::from_ref(&table),
-                        std::slice::from_ref(&table),
-                        dst_schema,
-                    )?;
-                    return Err(Stop::Restart);
+                Ok(Some(Progress::Idle(wal_end))) => {
+                    // Between transactions with nothing pending: everything the
+                    // server sent before this keepalive is applied and durable.
+                    // Not while a streamed transaction is spooled: nothing
+                    // past the last applied commit is confirmed then.
+                    if let Some(lsn) = flush.durable(local_flush_lsn()) {
+                        client.update_applied_lsn(lsn);
+                    }
+                    if flush.is_empty() && spool.is_empty() {
+                        client.update_applied_lsn(wal_end);
+                        let end = wal_end;
+                        slot.stats(|s| {
+                            s.received_lsn = s.received_lsn.max(end);
+                            s.applied_lsn = s.applied_lsn.max(end);
+                        });
+                    }
                 }
-                if e.contains(crate::apply::relcache::APPLY_AGAIN) {
-                    pgrx::log!("synchdb: connector \"{}\": {e}", ctx.name);
-                    return Err(Stop::Restart);
-                }
-                if e.contains("invalid input value for enum") {
-                    match applier.sync_enum_labels(&type_oids) {
+                Ok(None) => {}
+                Err(e) => {
+                    let at = applier.failed_change();
+                    let e = format!("{e} ({})", applier.context());
+                    let resync = applier.resync.take();
+                    let late_copy = applier.late_copy.take();
+                    let type_oids = applier.current_type_oids();
+                    applier.abort();
+                    drop(client);
+                    if let Some((table, target)) = resync {
+                        return resync_table(ctx, &table, &target);
+                    }
+                    if let Some(table) = late_copy {
+                        owe_copies(
+                            &ctx.name,
+                            mode,
+                            std::slice::from_ref(&table),
+                            std::slice::from_ref(&table),
+                            dst_schema,
+                        )?;
+                        return Err(Stop::Restart);
+                    }
+                    if e.contains(crate::apply::relcache::APPLY_AGAIN) {
+                        pgrx::log!("synchdb: connector \"{}\": {e}", ctx.name);
+                        return Err(Stop::Restart);
+                    }
+                    if e.contains("invalid input value for enum") {
+                        match applier.sync_enum_labels(&type_oids) {
                         Ok(n) if n > 0 => return Err(Stop::Restart),
                         Ok(_) => pgrx::log!(
                             "synchdb: connector \"{}\": no enum label to add for types {type_oids:?}",
@@ -588,8 +620,9 @@ pub(super) fn stream(
                             )))
                         }
                     }
+                    }
+                    return Err(Stop::Apply { msg: e, at });
                 }
-                return Err(Stop::Apply { msg: e, at });
             }
         }
     }
@@ -673,6 +706,8 @@ pub(super) enum Incoming {
     Message(Message, u64),
     /// A keepalive: the server has sent everything before this position.
     KeepAlive(u64),
+    /// Commit the source transactions whose local commit was deferred.
+    CommitGroup,
     /// A streamed transaction committed: its spooled changes are applied.
     StreamCommit {
         xid: u32,
@@ -681,6 +716,10 @@ pub(super) enum Incoming {
         commit_ts: i64,
     },
 }
+
+/// The longest a source transaction's local commit is deferred while a
+/// backlog is applied (see `Applier::defer_commit`).
+const GROUP_MAX_WAIT: Duration = Duration::from_millis(20);
 
 /// What handling one replication event achieved.
 pub(super) enum Progress {

@@ -509,6 +509,11 @@ impl Stream {
         }
     }
 
+    /// Whether an event is already buffered (`recv` would not wait).
+    pub fn has_buffered(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
     /// Reports `lsn` as applied and durable here (never moves back).
     pub fn update_applied_lsn(&self, lsn: u64) {
         if self.shared.applied.fetch_max(lsn, Ordering::Relaxed) < lsn {

@@ -242,7 +242,19 @@ fn transforms_in_snapshot_cdc_and_schema_changes() {
            SELECT g, CASE WHEN g % 10 = 0 THEN NULL ELSE 'item ' || g END, g, g * 0.5
              FROM generate_series(1, 50) g;",
     );
-    pair.add_connector_with("tf", "public.items", "null");
+    // A transformed key: rows are found by the transformed value.
+    pair.src.execute(
+        "CREATE TABLE public.codes (code text PRIMARY KEY, v int);
+         INSERT INTO public.codes SELECT 'c' || g, g FROM generate_series(1, 20) g;",
+    );
+    pair.add_connector_with("tf", "public.items,public.codes", "null");
+    objmap(
+        &pair,
+        "tf",
+        "transform",
+        "postgres.public.codes.code",
+        "upper(%d) || '-' || length(%d)",
+    );
     objmap(
         &pair,
         "tf",
@@ -294,6 +306,21 @@ fn transforms_in_snapshot_cdc_and_schema_changes() {
          DELETE FROM public.items WHERE id IN (9, 10);",
     );
     wait_same(&pair, expected, got);
+    let codes_src = "SELECT upper(code) || '-' || length(code), v FROM public.codes ORDER BY 1";
+    let codes_dst = "SELECT code, v FROM postgres.codes ORDER BY 1";
+    wait_same(&pair, codes_src, codes_dst);
+    pair.src.execute(
+        "UPDATE public.codes SET v = -v WHERE code IN ('c1', 'c2');
+         UPDATE public.codes SET code = 'renamed' WHERE code = 'c3';
+         DELETE FROM public.codes WHERE code IN ('c4', 'c15');
+         INSERT INTO public.codes VALUES ('new', 99);",
+    );
+    wait_same(&pair, codes_src, codes_dst);
+    assert_eq!(
+        pair.dst
+            .query_one_string("SELECT v::text FROM postgres.codes WHERE code = 'RENAMED-7'"),
+        Some("3".into())
+    );
 
     // A column added on the source follows; the transforms stay.
     pair.src.execute(

@@ -2,7 +2,8 @@
 //! built without rows, a pause in stage `schema sync` that survives a
 //! destination restart, then a copy and the stream on resume, with changes
 //! made during the pause and during the resume neither lost nor applied
-//! twice), `when_needed` (a copy only when no usable position exists: a
+//! twice; on a connector that already streams, its slot position kept),
+//! `when_needed` (a copy only when no usable position exists: a
 //! fresh connector, a lost slot) and the SynchDB mode names that have no
 //! meaning for a PostgreSQL source (refused with a hint, nothing started).
 
@@ -41,7 +42,13 @@ fn destination_rows(pair: &Pair) -> i64 {
 fn stays_paused_without_rows(pair: &Pair, name: &str, pid: i32, d: Duration) {
     let started = Instant::now();
     while started.elapsed() < d {
-        let st = pair.state(name).expect("state row");
+        let st = pair.state(name).unwrap_or_else(|| {
+            let e = pair
+                .dst
+                .try_query_strings("SELECT * FROM synchdb_state_view")
+                .err();
+            panic!("no state row for {name}: {e:?}")
+        });
         assert_eq!(
             (st.pid, st.stage.as_str(), st.state.as_str()),
             (pid, "schema sync", "paused"),
@@ -405,4 +412,81 @@ fn modes_without_a_postgres_meaning_are_refused() {
     pair.start("rc", "always");
     pair.wait_tables_equal("public.orders", "postgres.orders", "id");
     pair.wait_tables_equal("public.customers", "postgres.customers", "id");
+}
+
+#[test]
+fn schemasync_on_a_streaming_connector_keeps_its_slot_position() {
+    let pair = Pair::new();
+    pair.add_connector("sp");
+    pair.start("sp", "initial");
+    pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+    pair.wait_tables_equal("public.customers", "postgres.customers", "id");
+    let ready = table_states(&pair, "sp");
+    pair.stop("sp");
+    wait_until(LONG, "stopped", || {
+        pair.state("sp").is_some_and(|s| s.pid == -1)
+    });
+
+    // A new table while stopped; a review of it started on the connector
+    // that already streams: the copied tables keep their state and their
+    // slot, whose changes wait (retained) until the resume.
+    pair.src.execute(
+        "CREATE TABLE public.added (id int PRIMARY KEY, v text);
+         INSERT INTO public.added SELECT g, 'v' || g FROM generate_series(1, 50) g;
+         UPDATE public.orders SET customer = 'while stopped' WHERE id = 1;",
+    );
+    pair.start("sp", "schemasync");
+    let st = wait_schema_sync_pause(&pair, "sp");
+    assert_eq!(
+        pair.dst.count("SELECT count(*) FROM postgres.added"),
+        0,
+        "built empty"
+    );
+    let states = table_states(&pair, "sp");
+    assert_eq!(states.len(), 3, "{states:?}");
+    assert_eq!(states[0][2].as_deref(), Some("schema"), "{states:?}");
+    assert_eq!(&states[1..], &ready[..], "the copied tables are untouched");
+    let slot = pair.slot_name("sp");
+    assert_eq!(
+        pair.src.count(&format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"
+        )),
+        1
+    );
+    pair.src.execute(
+        "UPDATE public.orders SET customer = 'during the review' WHERE id = 2;
+         DELETE FROM public.orders WHERE id = 3;
+         UPDATE public.added SET v = 'during the review' WHERE id = 4;
+         DELETE FROM public.added WHERE id = 5;",
+    );
+    // Nothing applied during the review, to the old tables either.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let now = pair.state("sp").expect("state row");
+        assert_eq!((now.pid, now.state.as_str()), (st.pid, "paused"));
+        assert_eq!(
+            pair.dst
+                .query_one_string("SELECT customer FROM postgres.orders WHERE id = 1"),
+            Some("customer 1".into())
+        );
+        assert_eq!(pair.dst.count("SELECT count(*) FROM postgres.added"), 0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    pair.dst.execute("SELECT synchdb_resume_engine('sp')");
+    pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+    pair.wait_tables_equal("public.customers", "postgres.customers", "id");
+    pair.wait_tables_equal("public.added", "postgres.added", "id");
+    let after = table_states(&pair, "sp");
+    assert_eq!(after[0][2].as_deref(), Some("ready"), "{after:?}");
+    assert_eq!(
+        &after[1..],
+        &ready[..],
+        "the copied tables are not copied again"
+    );
+    pair.src.execute(
+        "INSERT INTO public.added VALUES (100, 'after'); DELETE FROM public.orders WHERE id = 6;",
+    );
+    pair.wait_tables_equal("public.orders", "postgres.orders", "id");
+    pair.wait_tables_equal("public.added", "postgres.added", "id");
 }

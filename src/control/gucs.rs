@@ -113,12 +113,10 @@ pub fn max_transactions_per_commit() -> u64 {
 /// the default (30) when neither was. Decided once, in the postmaster when
 /// it sizes shared memory, and inherited by every process it starts: a
 /// later check of either setting (`ALTER SYSTEM` validates values through
-/// the hooks that note "set") never changes the size the slots were made
-/// with.
+/// the hooks that note "set") never changes the answer.
 pub fn max_connectors() -> usize {
     static DECIDED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let _ = &DECIDED;
-    decide_max_connectors()
+    *DECIDED.get_or_init(decide_max_connectors)
 }
 
 fn decide_max_connectors() -> usize {

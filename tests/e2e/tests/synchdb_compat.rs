@@ -568,11 +568,17 @@ fn max_connector_workers_is_the_slot_limit() {
     for n in ["w1", "w2", "w3"] {
         pair.add_connector_with(n, "public.orders", "null");
     }
-    pair.start("w1", "initial");
-    pair.start("w2", "initial");
-    let r = pair
-        .dst
-        .try_execute("SELECT synchdb_start_engine_bgw('w3', 'initial')");
+    // Setting the other name (ALTER SYSTEM checks the value in this
+    // session) changes nothing before a restart.
+    let mut session = pair.dst.client();
+    for sql in [
+        "ALTER SYSTEM SET synchdb.max_connectors = 1",
+        "SELECT synchdb_start_engine_bgw('w1', 'initial')",
+        "SELECT synchdb_start_engine_bgw('w2', 'initial')",
+    ] {
+        session.batch_execute(sql).expect(sql);
+    }
+    let r = session.batch_execute("SELECT synchdb_start_engine_bgw('w3', 'initial')");
     let e = r.expect_err("a third connector with two slots");
     assert_eq!(
         e.code().map(|c| c.code()),
@@ -591,8 +597,7 @@ fn max_connector_workers_is_the_slot_limit() {
     for n in ["w1", "w2"] {
         pair.stop(n);
     }
-    pair.dst
-        .execute("ALTER SYSTEM SET synchdb.max_connectors = 1");
+    drop(session);
     pair.dst.restart();
     pair.start("w1", "initial");
     pair.start("w2", "initial");

@@ -449,10 +449,10 @@ fn synchdb_set_offset(name: &str, lsn: &str) -> i32 {
                 && s.stage == shmem::Stage::SchemaSync =>
         {
             raise(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("connector \"{name}\" is paused in schema sync"),
-            None,
-            Some("Resume it with synchdb_resume_engine: it copies the tables and then streams; set an offset once it streams."),
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("connector \"{name}\" is paused in schema sync"),
+                None,
+                Some("Resume it with synchdb_resume_engine: it copies the tables and then streams; set an offset once it streams."),
             )
         }
         Some(s) if s.pid > 0 && s.state == shmem::State::Paused => {}

@@ -301,6 +301,28 @@ impl Chaos {
         }
     }
 
+    /// How many transactions the source streamed while in progress (sources
+    /// from 14 on; lost when the source crashes).
+    fn streamed(&self) -> String {
+        if source_major() < 14 {
+            return String::new();
+        }
+        let slot = self.pair.slot_name(NAME);
+        let n = self.pair.src.try_query_strings(&format!(
+            "SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = '{slot}'"
+        ));
+        match n
+            .ok()
+            .and_then(|r| r.into_iter().next())
+            .and_then(|r| r.into_iter().next().flatten())
+        {
+            Some(n) => {
+                format!(", {n} transactions streamed by the source (pg_stat_replication_slots)")
+            }
+            None => String::new(),
+        }
+    }
+
     /// Adds to the step log, with the UTC time of day (as in the servers'
     /// logs) to line the two up.
     fn note(&mut self, s: String) {
@@ -1703,8 +1725,11 @@ fn run_seed(seed: u64, secs: u64) -> Result<(), String> {
         Ok(Ok(())) => {
             if let Some(c) = &slot {
                 eprintln!(
-                    "chaos seed {seed}: ok ({} steps, {} faults, {} statements rejected by the source)",
-                    c.step, c.faults, c.rejected
+                    "chaos seed {seed}: ok ({} steps, {} faults, {} statements rejected by the source{})",
+                    c.step,
+                    c.faults,
+                    c.rejected,
+                    c.streamed()
                 );
             }
             return Ok(());

@@ -727,3 +727,75 @@ fn destination_triggers_behave_as_under_native_replication() {
             == 1
     });
 }
+
+/// A backlog is applied several source transactions per destination commit
+/// (`synchdb.max_transactions_per_commit`): a failing change in the middle
+/// of such a group throws the whole group away, the stream is read again
+/// from before it, and under `skip` exactly that change is dropped — every
+/// other transaction of the group lands once.
+#[test]
+fn grouped_commits_skip_exactly_the_failing_change() {
+    let pair = Pair::new();
+    pair.dst
+        .execute("ALTER SYSTEM SET synchdb.error_handling_strategy = 'skip'");
+    pair.dst.execute("SELECT pg_reload_conf()");
+    pair.add_connector("gc");
+    pair.start("gc", "initial");
+    wait_ready_tables(&pair, "gc", 2);
+    pair.stop("gc");
+    wait_until(LONG, "the worker to stop", || {
+        pair.state("gc").is_some_and(|s| s.pid == -1)
+    });
+    // 400 source transactions; the 200th conflicts with a row only the
+    // destination has.
+    pair.dst
+        .execute("INSERT INTO postgres.orders (id, customer) VALUES (20200, 'destination only')");
+    pair.src.execute(
+        "DO $$ BEGIN FOR i IN 20001..20400 LOOP
+             INSERT INTO public.orders (id, customer) VALUES (i, 'from source ' || i);
+             COMMIT;
+         END LOOP; END $$",
+    );
+    let batches_before = pair
+        .dst
+        .count("SELECT batches_done FROM synchdb_genstats WHERE name = 'gc'");
+    pair.start("gc", "initial");
+    wait_until(LONG, "the backlog applied", || {
+        pair.dst
+            .count("SELECT count(*) FROM postgres.orders WHERE id BETWEEN 20001 AND 20400")
+            == 400
+    });
+    pair.wait_caught_up("gc");
+    assert_eq!(
+        pair.dst
+            .query_one_string("SELECT customer FROM postgres.orders WHERE id = 20200")
+            .as_deref(),
+        Some("destination only")
+    );
+    // Every other row exactly as the source has it (and only once: id is
+    // the primary key, and the count above is exact).
+    let src_rows = pair.src.query_one_string(
+        "SELECT string_agg(id || ':' || customer, ',' ORDER BY id) FROM public.orders
+          WHERE id BETWEEN 20001 AND 20400 AND id <> 20200",
+    );
+    let dst_rows = pair.dst.query_one_string(
+        "SELECT string_agg(id || ':' || customer, ',' ORDER BY id) FROM postgres.orders
+          WHERE id BETWEEN 20001 AND 20400 AND id <> 20200",
+    );
+    assert_eq!(src_rows, dst_rows);
+    assert_eq!(
+        pair.dst
+            .count("SELECT bad_changes FROM synchdb_stats_view WHERE name = 'gc'"),
+        1
+    );
+    // The transactions went in with fewer local commits than there were
+    // source transactions.
+    let batches = pair
+        .dst
+        .count("SELECT batches_done FROM synchdb_genstats WHERE name = 'gc'")
+        - batches_before;
+    assert!(
+        batches < 400,
+        "{batches} local commits for 400 source transactions"
+    );
+}

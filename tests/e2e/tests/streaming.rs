@@ -6,7 +6,9 @@
 //! transactions, one rolled back; subtransactions rolled back inside a
 //! streamed one; the worker terminated while a transaction is spooled and
 //! while its commit is applied, and killed with `kill -9` while spooling
-//! (stale files removed at start); a PostgreSQL 13 source keeps protocol 1.
+//! (stale files removed at start); sources 14, 16, 17 and 18 stream too
+//! (`SYNCHDB_VERSIONS` selects majors); a PostgreSQL 13 source keeps
+//! protocol 1.
 
 use std::time::Duration;
 use synchdb_e2e::*;
@@ -336,4 +338,57 @@ fn source_13_keeps_protocol_1() {
     wait_same(&pair, "public.big", "postgres.big", "id");
     assert_eq!(pair.state("v13").map(|s| s.err), Some("no error".into()));
     assert_eq!(spooled_files(&pair, "v13"), 0);
+}
+
+/// A streamed transaction with a rolled-back savepoint from a source of
+/// `major` (protocol 2 with `streaming 'on'` from 14 on).
+fn streams_from(major: u32) {
+    if !version_selected(major) {
+        eprintln!("PostgreSQL {major} skipped (SYNCHDB_VERSIONS)");
+        return;
+    }
+    let pair = Pair::with_clusters(Cluster::source_version(major), Cluster::destination());
+    pair.src
+        .execute("ALTER SYSTEM SET logical_decoding_work_mem = '64kB'");
+    pair.src.execute("SELECT pg_reload_conf()");
+    let name = format!("v{major}");
+    start_streaming(
+        &pair,
+        &name,
+        "CREATE TABLE public.big (id int PRIMARY KEY, v text NOT NULL)",
+        3,
+    );
+    pair.src.execute(
+        "BEGIN;
+         INSERT INTO public.big SELECT g, md5(g::text) FROM generate_series(1, 60000) g;
+         SAVEPOINT s;
+         INSERT INTO public.big SELECT g, 'gone' FROM generate_series(60001, 90000) g;
+         ROLLBACK TO SAVEPOINT s;
+         UPDATE public.big SET v = 'u' WHERE id % 7 = 0;
+         COMMIT;",
+    );
+    wait_same(&pair, "public.big", "postgres.big", "id");
+    assert_eq!(pair.dst.count("SELECT count(*) FROM postgres.big"), 60000);
+    assert!(streamed_txns(&pair, &name) > 0, "the source streamed it");
+    assert_eq!(pair.state(&name).map(|s| s.err), Some("no error".into()));
+}
+
+#[test]
+fn streams_from_14() {
+    streams_from(14);
+}
+
+#[test]
+fn streams_from_16() {
+    streams_from(16);
+}
+
+#[test]
+fn streams_from_17() {
+    streams_from(17);
+}
+
+#[test]
+fn streams_from_18() {
+    streams_from(18);
 }

@@ -183,7 +183,10 @@ pub fn copy_into(
     applier::copy_into("pg_temp", "synchdb_stage", cols, false, feed);
     let relid = schema::relid(schema_name, table);
     let owner = relid.and_then(usercontext::run_as);
-    if let Some(owner) = owner {
+    if let (Some(relid), Some(owner)) = (relid, owner) {
+        // The checks of every write as the table's owner (applier::copy_into).
+        usercontext::refuse_untrusted_owner(relid, owner);
+        usercontext::refuse_row_security(relid, owner);
         let role = Spi::get_one_with_args::<String>(
             "SELECT rolname::text FROM pg_catalog.pg_roles WHERE oid = $1",
             &[owner.into()],

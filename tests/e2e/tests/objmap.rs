@@ -601,3 +601,54 @@ fn schemasync_shows_mapped_tables_and_takes_changed_mappings_on_resume() {
     );
     assert_eq!(pair.state("sm").map(|s| s.err), Some("no error".into()));
 }
+
+#[test]
+fn transforms_run_as_the_tables_owner() {
+    let pair = Pair::new();
+    pair.add_connector_with("ow", "public.customers", "null");
+    pair.dst.execute(
+        "UPDATE synchdb_conninfo SET data = jsonb_set(data, '{apply_as_table_owner}', 'true')
+          WHERE name = 'ow'",
+    );
+    objmap(
+        &pair,
+        "ow",
+        "transform",
+        "postgres.public.customers.name",
+        "upper(%d) || '/' || current_user",
+    );
+    pair.start("ow", "initial");
+    wait_same(
+        &pair,
+        "SELECT id, upper(name) || '/postgres' FROM public.customers ORDER BY id",
+        "SELECT id, name FROM postgres.customers ORDER BY id",
+    );
+    // A DBA gives the table to a role that is not a superuser: the
+    // transform runs with its rights, in CDC and in a fresh copy.
+    pair.dst.execute(
+        "CREATE ROLE app NOLOGIN;
+         GRANT USAGE ON SCHEMA postgres TO app;
+         ALTER TABLE postgres.customers OWNER TO app;",
+    );
+    pair.src
+        .execute("INSERT INTO public.customers (name) VALUES ('streamed')");
+    wait_same(
+        &pair,
+        "SELECT id, upper(name) || CASE WHEN name = 'streamed' THEN '/app' ELSE '/postgres' END
+           FROM public.customers ORDER BY id",
+        "SELECT id, name FROM postgres.customers ORDER BY id",
+    );
+    pair.dst
+        .execute("SELECT synchdb_restart_connector('ow', 'always')");
+    wait_same(
+        &pair,
+        "SELECT id, upper(name) || '/app' FROM public.customers ORDER BY id",
+        "SELECT id, name FROM postgres.customers ORDER BY id",
+    );
+    assert_eq!(
+        pair.dst
+            .query_one_string("SELECT pg_get_userbyid(relowner)::text FROM pg_class WHERE oid = 'postgres.customers'::regclass"),
+        Some("app".into())
+    );
+    assert_eq!(pair.state("ow").map(|s| s.err), Some("no error".into()));
+}

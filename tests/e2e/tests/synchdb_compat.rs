@@ -162,8 +162,8 @@ fn file_table_list_with_snapshot_table_list() {
     pair.wait_caught_up("fl");
 
     // Mode always re-copies only what snapshot_table_list matches (a
-    // pattern here): a
-    // destination-only edit survives in orders, is replaced in customers.
+    // pattern here): a destination-only edit survives in orders and is
+    // replaced in customers.
     pair.stop("fl");
     wait_until(LONG, "stopped", || {
         pair.state("fl").is_some_and(|s| s.pid == -1)

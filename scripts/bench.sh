@@ -255,12 +255,18 @@ fi
 # synchdb (pgoutput streaming, spooled, see README "Large transactions") and
 # for native with `streaming = on`, each alone; and the synchdb worker's
 # peak resident memory (VmHWM, which counts the shared buffers it touched).
-# BIG_ROWS=0 skips it.
+# BIG_ROWS=0 skips it. BIG_DECODING_MEM sets the source's
+# logical_decoding_work_mem first (default: left at 64MB; a 2M-row
+# transaction exceeds it and is streamed).
 BIG_ROWS=${BIG_ROWS:-2000000}
+BIG_DECODING_MEM=${BIG_DECODING_MEM:-}
 BIG_LINE=""
 big_transaction() {
     local t hwm spid s n
     echo "== (d) one large transaction of $BIG_ROWS rows"
+    if [ -n "$BIG_DECODING_MEM" ]; then
+        src -c "ALTER SYSTEM SET logical_decoding_work_mem = '$BIG_DECODING_MEM'" -c "SELECT pg_reload_conf()" >/dev/null
+    fi
     src -c "CREATE TABLE big_txn (id bigint PRIMARY KEY, v text NOT NULL, n int NOT NULL)"
     nat -c "CREATE TABLE big_txn (id bigint PRIMARY KEY, v text NOT NULL, n int NOT NULL)"
     nat -c "ALTER SUBSCRIPTION bench_native ENABLE" >/dev/null 2>&1 || true
@@ -292,6 +298,8 @@ big_transaction() {
     n=$(elapsed "$t")
     [ "$(nat -Atc "SELECT count(*) FROM big_txn")" = "$((2 * BIG_ROWS + 1))" ] || { echo "native big_txn mismatch" >&2; exit 1; }
     printf "   synchdb %.2fs (peak RSS %d MB), native %.2fs\n" "$s" "$((hwm / 1024))" "$n"
+    echo "   transactions streamed by the source, per slot: $(src -Atc "SELECT string_agg(slot_name || ' ' || stream_txns, ', ' ORDER BY slot_name)
+        FROM pg_stat_replication_slots WHERE slot_name NOT LIKE 'pg_%'")"
     BIG_LINE=$(printf "%-10s %12.2f %12.2f %8.2f   (%d rows in one transaction; synchdb worker peak RSS %d MB)" \
         big-txn "$s" "$n" "$(echo "$s / $n" | bc -l)" "$BIG_ROWS" "$((hwm / 1024))")
 }

@@ -459,6 +459,29 @@ pub fn replace_params(sql: &str, with: &HashMap<usize, String>) -> String {
     out
 }
 
+/// Type OIDs below this are assigned in the bootstrap catalogs and name the
+/// same built-in type on every server (as in `apply::applier`).
+const FIRST_NORMAL_OID: u32 = 10000;
+
+/// Whether a resolved type may be the source of a type-wide datatype
+/// mapping: a built-in scalar type of the bootstrap catalogs (matched by
+/// OID on the source); array and other types are mapped column by column.
+pub fn check_global_source_type(t: &TypeTarget) -> Result<(), String> {
+    if t.sql.ends_with(']') {
+        return Err(format!(
+            "type-wide mappings take scalar types; map the array column \"{}\" by srcdb.schema.table.column",
+            t.sql
+        ));
+    }
+    if t.oid >= FIRST_NORMAL_OID {
+        return Err(format!(
+            "type \"{}\" is not one of the bootstrap catalog types; map its columns by srcdb.schema.table.column",
+            t.sql
+        ));
+    }
+    Ok(())
+}
+
 /// A resolved destination type of a datatype mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TypeTarget {
@@ -555,7 +578,9 @@ impl Mappings {
         if let Some(tt) = self.column_types.get(&(t.clone(), col.to_string())) {
             return Some(tt);
         }
-        let oid = src_oid?;
+        // Only OIDs of the bootstrap catalogs name the same type on both
+        // servers (see `check_global_source_type`).
+        let oid = src_oid.filter(|o| *o < FIRST_NORMAL_OID)?;
         self.types.iter().find(|(o, _)| *o == oid).map(|(_, tt)| tt)
     }
 
@@ -763,6 +788,18 @@ mod tests {
             "(E'a\\'b' || ($1)\n)"
         );
         assert!(render("%dx", "$1").unwrap().contains("%dx"));
+    }
+
+    #[test]
+    fn type_wide_sources_are_scalar_bootstrap_types() {
+        let t = |oid: u32, sql: &str| TypeTarget {
+            oid,
+            typmod: -1,
+            sql: sql.into(),
+        };
+        assert!(check_global_source_type(&t(23, "integer")).is_ok());
+        assert!(check_global_source_type(&t(1007, "integer[]")).is_err());
+        assert!(check_global_source_type(&t(13000, "information_schema.cardinal_number")).is_err());
     }
 
     #[test]

@@ -94,13 +94,18 @@ fn synchdb_add_objmap(name: &str, objtype: &str, srcobj: &str, dstobj: &str) -> 
                 );
             }
             if let Source::Type(src_ty) = &src {
-                if let Err(e) = mapping::resolve_builtin_type(src_ty) {
-                    raise(
+                match mapping::resolve_builtin_type(src_ty) {
+                    Err(e) => raise(
                         PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
                         format!("invalid srcobj for a datatype mapping: {e}"),
                         None,
                         Some("A type-wide mapping names a built-in type (int4, text, ...); map a column of another type by srcdb.schema.table.column."),
-                    );
+                    ),
+                    Ok(t) => {
+                        if let Err(e) = mapping::check_global_source_type(&t) {
+                            bad(format!("invalid srcobj for a datatype mapping: {e}"), None);
+                        }
+                    }
                 }
             }
             dstobj.trim().to_string()

@@ -70,10 +70,10 @@ pub fn load(connector: &str, srcdb: &str) -> Result<(), String> {
                 let target = resolve_builtin_type(&ty).map_err(|e| format!("{what}: {e}"))?;
                 match src {
                     Source::Type(name) => {
-                        let oid = resolve_builtin_type(&name)
-                            .map_err(|e| format!("{what}: source type: {e}"))?
-                            .oid;
-                        m.add_type(oid, target);
+                        let src = resolve_builtin_type(&name)
+                            .map_err(|e| format!("{what}: source type: {e}"))?;
+                        check_global_source_type(&src).map_err(|e| format!("{what}: {e}"))?;
+                        m.add_type(src.oid, target);
                     }
                     Source::Column(t, c) => m.add_column_type(t, c, target),
                     Source::Table(_) => {}

@@ -63,9 +63,21 @@ fn table_column_and_datatype_mappings_in_snapshot_cdc_and_schema_changes() {
     let pair = Pair::new();
     pair.src.execute(
         "CREATE INDEX orders_customer_idx ON public.orders (customer) INCLUDE (amount);
-         CREATE INDEX orders_lower_idx ON public.orders (lower(customer));",
+         CREATE INDEX orders_lower_idx ON public.orders (lower(customer));
+         CREATE TYPE public.mood AS ENUM ('sad', 'ok');
+         CREATE TABLE public.moods (id int PRIMARY KEY, m public.mood, tags int[]);
+         INSERT INTO public.moods VALUES (1, 'sad', '{1,2}'), (2, 'ok', NULL);",
     );
     pair.add_connector("om");
+    // One column of an enum type and one of an array type, as text.
+    objmap(&pair, "om", "datatype", "postgres.public.moods.m", "text");
+    objmap(
+        &pair,
+        "om",
+        "datatype",
+        "postgres.public.moods.tags",
+        "text",
+    );
     objmap(
         &pair,
         "om",
@@ -122,6 +134,17 @@ fn table_column_and_datatype_mappings_in_snapshot_cdc_and_schema_changes() {
     assert_eq!(
         column_type(&pair, "postgres.customers", "name").as_deref(),
         Some("character varying(40)")
+    );
+    let moods_src = "SELECT id, m::text, tags::text FROM public.moods ORDER BY id";
+    let moods_dst = "SELECT id, m, tags FROM postgres.moods ORDER BY id";
+    wait_same(&pair, moods_src, moods_dst);
+    assert_eq!(
+        column_type(&pair, "postgres.moods", "m").as_deref(),
+        Some("text")
+    );
+    assert_eq!(
+        column_type(&pair, "postgres.moods", "tags").as_deref(),
+        Some("text")
     );
 
     // A secondary index on a renamed column is built on its new name; an
@@ -190,8 +213,11 @@ fn table_column_and_datatype_mappings_in_snapshot_cdc_and_schema_changes() {
          UPDATE public.orders SET id = 2000 WHERE id = 6;
          DELETE FROM public.orders WHERE id = 7;
          TRUNCATE public.customers;
-         INSERT INTO public.customers (name) VALUES ('after truncate');",
+         INSERT INTO public.customers (name) VALUES ('after truncate');
+         INSERT INTO public.moods VALUES (3, 'ok', '{3}');
+         UPDATE public.moods SET m = 'ok', tags = '{}' WHERE id = 1;",
     );
+    wait_same(&pair, moods_src, moods_dst);
     wait_same(
         &pair,
         "SELECT id, customer, amount FROM public.orders ORDER BY id",
@@ -464,6 +490,7 @@ fn bad_input_is_refused_and_nothing_is_stored() {
     assert_eq!(add("'bad', 'datatype', 'int4', 'nosuchtype'"), "42704");
     assert_eq!(add("'bad', 'datatype', 'nosuchtype', 'text'"), "42704");
     assert_eq!(add("'bad', 'datatype', 'int4', 'bigint|x'"), "22023");
+    assert_eq!(add("'bad', 'datatype', 'int4[]', 'text'"), "22023");
     pair.dst.execute("CREATE TYPE public.color AS ENUM ('red')");
     assert_eq!(add("'bad', 'datatype', 'int4', 'public.color'"), "42704");
     // Transforms that do not parse, or are more than one expression.

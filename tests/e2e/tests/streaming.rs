@@ -6,7 +6,8 @@
 //! transactions, one rolled back; subtransactions rolled back inside a
 //! streamed one; the worker terminated while a transaction is spooled and
 //! while its commit is applied, and killed with `kill -9` while spooling
-//! (stale files removed at start); sources 14, 16, 17 and 18 stream too
+//! (stale files removed at start); the skip strategy skips exactly the
+//! failing change of a streamed transaction; sources 14, 16, 17 and 18 stream too
 //! (`SYNCHDB_VERSIONS` selects majors); a PostgreSQL 13 source keeps
 //! protocol 1.
 
@@ -338,6 +339,55 @@ fn source_13_keeps_protocol_1() {
     wait_same(&pair, "public.big", "postgres.big", "id");
     assert_eq!(pair.state("v13").map(|s| s.err), Some("no error".into()));
     assert_eq!(spooled_files(&pair, "v13"), 0);
+}
+
+#[test]
+fn skip_strategy_skips_exactly_the_failing_change_of_a_streamed_transaction() {
+    let pair = streaming_pair();
+    start_streaming(
+        &pair,
+        "sk",
+        "CREATE TABLE public.big (id int PRIMARY KEY, v text NOT NULL)",
+        3,
+    );
+    pair.dst
+        .execute("ALTER SYSTEM SET synchdb.error_handling_strategy = 'skip'");
+    pair.dst.execute("SELECT pg_reload_conf()");
+    wait_until(LONG, "the table on the destination", || {
+        pair.dst.count(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'postgres' AND tablename = 'big'",
+        ) == 1
+    });
+    pair.dst
+        .execute("INSERT INTO postgres.big VALUES (30001, 'destination only')");
+    // The failing change comes after a rolled-back savepoint: the index of
+    // the change to skip counts what the destination applies, as in an
+    // ordinary transaction.
+    pair.src.execute(
+        "BEGIN;
+         INSERT INTO public.big SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
+         SAVEPOINT s;
+         INSERT INTO public.big SELECT g, 'gone' FROM generate_series(70001, 80000) g;
+         ROLLBACK TO SAVEPOINT s;
+         INSERT INTO public.big SELECT g, md5(g::text) FROM generate_series(20001, 60000) g;
+         UPDATE public.big SET v = 'u' WHERE id % 5 = 0;
+         COMMIT;",
+    );
+    wait_same(
+        &pair,
+        "(SELECT * FROM public.big WHERE id <> 30001)",
+        "(SELECT * FROM postgres.big WHERE id <> 30001)",
+        "id",
+    );
+    assert_eq!(
+        pair.dst
+            .query_one_string("SELECT v FROM postgres.big WHERE id = 30001")
+            .as_deref(),
+        Some("destination only")
+    );
+    assert_eq!(pair.dst.count("SELECT count(*) FROM postgres.big"), 60000);
+    assert!(pair.dst.log_contents().contains("skipped INSERT"));
+    assert!(streamed_txns(&pair, "sk") > 0, "the source streamed it");
 }
 
 /// A streamed transaction with a rolled-back savepoint from a source of

@@ -1,7 +1,9 @@
 //! Streaming: the replication session's changes handed to the applier one
-//! transaction at a time, feedback of the locally durable position, the
-//! publication kept in step with the captured tables, requests from SQL
-//! (pause, stop, reload) and statistics published to shared memory.
+//! transaction at a time (transactions the source streams while in progress,
+//! from PostgreSQL 14 on, go through `spool` and are applied at their
+//! commit), feedback of the locally durable position, the publication kept
+//! in step with the captured tables, requests from SQL (pause, stop, reload)
+//! and statistics published to shared memory.
 
 use super::*;
 

@@ -100,3 +100,23 @@ CREATE TABLE synchdb_attribute (
     PRIMARY KEY (name, src_schema, src_table, ext_attname)
 );
 REVOKE ALL ON synchdb_attribute FROM PUBLIC;
+
+-- The ctid ranges of a table being copied in parallel (engine/parallel.rs):
+-- each marked done in the transaction that loaded its rows.
+CREATE TABLE synchdb_copy_range (
+    name        text    NOT NULL,
+    id          int     NOT NULL,
+    snapshot    text    NOT NULL,
+    src_schema  text    NOT NULL,
+    src_table   text    NOT NULL,
+    src_columns text[]  NOT NULL,
+    dst_schema  text    NOT NULL,
+    dst_table   text    NOT NULL,
+    dst_columns text[]  NOT NULL,
+    first_page  bigint  NOT NULL,
+    end_page    bigint,
+    rows        bigint,
+    done        boolean NOT NULL DEFAULT false,
+    err         text,
+    PRIMARY KEY (name, id)
+);

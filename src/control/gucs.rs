@@ -32,6 +32,7 @@ static SNAPSHOT_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 102
 /// Upper bound of the retry backoff for source connection problems, in seconds.
 static MAX_RETRY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 static MAX_TRANSACTIONS_PER_COMMIT: GucSetting<i32> = GucSetting::<i32>::new(100);
+static SNAPSHOT_PARALLELISM: GucSetting<i32> = GucSetting::<i32>::new(2);
 
 pub fn init() {
     // Both names of the slot limit note whether they were set (see
@@ -98,6 +99,23 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"synchdb.snapshot_parallelism",
+        c"Processes copying one large table at once during a snapshot (the connector's worker and copy workers).",
+        c"Each copy worker uses a background worker slot and a source connection; 1 copies every table in the connector's worker alone.",
+        &SNAPSHOT_PARALLELISM,
+        1,
+        64,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// How many processes copy one large table at once.
+pub fn snapshot_parallelism() -> usize {
+    usize::try_from(SNAPSHOT_PARALLELISM.get())
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// How many source transactions one destination transaction may hold.

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Why one attempt ended.
+mod parallel;
 mod review;
 mod snapshot;
 mod spool;

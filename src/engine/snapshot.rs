@@ -85,6 +85,8 @@ pub(super) struct Snapshot {
     pub(super) names: HashMap<TableRef, String>,
     /// The captured tables as of the snapshot.
     pub(super) inside: Vec<TableRef>,
+    /// The exported snapshot's name (copy workers import it).
+    pub(super) name: String,
 }
 
 /// Exports a snapshot and reads, inside it, which tables to copy and their
@@ -223,6 +225,7 @@ pub(super) fn open_snapshot(
         user_types,
         names,
         inside,
+        name: snapshot_name,
     }))
 }
 
@@ -254,6 +257,7 @@ pub(super) fn snapshot_tables(
         user_types,
         names,
         inside,
+        name: snapshot_name,
     } = loop {
         tries += 1;
         if let Some(snap) = open_snapshot(ctx, rt, info, object, copy, plan, captured, stored)? {
@@ -332,93 +336,121 @@ pub(super) fn snapshot_tables(
         let src_shape = shape;
         let shape = &maps.map_shape(src_shape);
         let cols = stored_columns(shape);
-        let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
-        let mut stream = Box::pin(stream);
         let mut copying = progress.table_started(&estimate_of(shape));
-        // The source sends one CopyData message per row: the rows already
-        // received are handed over together (up to FEED_BATCH bytes), and
-        // the runtime is entered only to wait for more.
-        let mut ended = false;
-        let mut feed = || -> Result<Option<bytes::Bytes>, String> {
-            if crate::control::worker::stopping() {
-                return Err("the connector is stopping".into());
-            }
-            if ended {
-                return Ok(None);
-            }
-            let first = match futures_util::FutureExt::now_or_never(stream.next()) {
-                Some(r) => r,
-                None => block(rt, stream.next())
-                    .map_err(|_| "the connector is stopping".to_string())?,
-            };
-            let first = match first {
-                None => return Ok(None),
-                Some(Ok(b)) => b,
-                Some(Err(e)) => return Err(source::describe_pg_error(&e)),
-            };
-            let mut batch = bytes::BytesMut::new();
-            let mut rows = crate::control::progress::text_rows(&first);
-            while batch.len().max(first.len()) < FEED_BATCH {
-                match futures_util::FutureExt::now_or_never(stream.next()) {
-                    Some(Some(Ok(b))) => {
-                        if batch.is_empty() {
-                            batch.reserve(FEED_BATCH + first.len());
-                            batch.extend_from_slice(&first);
-                        }
-                        rows += crate::control::progress::text_rows(&b);
-                        batch.extend_from_slice(&b);
-                    }
-                    Some(Some(Err(e))) => return Err(source::describe_pg_error(&e)),
-                    Some(None) => {
-                        ended = true;
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            let out = if batch.is_empty() { first } else { batch.freeze() };
-            copying.add(rows, out.len() as u64);
-            Ok(Some(out))
+        let pages = if maps.has_transforms(t) {
+            None
+        } else {
+            super::parallel::pages_for_parallel(rt, &client, src_shape)?
         };
-        let loaded = pgtxn::run(|| {
-            schema::ensure_user_types(&user_types, dst_schema);
-            let build_pk = if schema::create_table(dst_schema, &dst, shape, true) {
-                true
-            } else {
-                schema::require_table(dst_schema, &dst);
-                check_owner(&ctx.name, dst_schema, &dst);
-                // As the table's owner (a DBA may have given it to another
-                // role): its TRUNCATE triggers run with the owner's rights.
-                crate::apply::usercontext::as_owner(schema::relid(dst_schema, &dst), || {
-                    schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
-                })
-            };
-            // Created or emptied (TRUNCATE) in this transaction: rows go in frozen.
-            let n = crate::apply::mapping::copy_into(
-                dst_schema, &dst, t, &src_cols, &cols, true, &mut feed,
-            );
-            crate::apply::mapping::record_columns(
-                &ctx.name,
-                &info.srcdb,
-                t,
-                &crate::apply::mapping::att_rows(src_shape, shape),
-            );
-            if build_pk {
-                schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
-            }
-            crate::apply::indexes::copy_indexes(rt, &client, &ctx.name, shape, dst_schema, &dst);
-            schema::record_table(
-                &ctx.name,
-                t,
+        let loaded = if let Some(pages) = pages {
+            let task = super::parallel::RangeTask {
+                connector: &ctx.name,
+                snapshot: &snapshot_name,
+                src: t,
+                src_cols: &src_cols,
                 dst_schema,
-                &dst,
-                shape.oid,
-                consistent,
-                n,
-                Some(&cols),
-            );
-            n
-        });
+                dst_table: &dst,
+                cols: &cols,
+            };
+            let prepared = pgtxn::run(|| {
+                schema::ensure_user_types(&user_types, dst_schema);
+                if schema::create_table(dst_schema, &dst, shape, true) {
+                    true
+                } else {
+                    schema::require_table(dst_schema, &dst);
+                    check_owner(&ctx.name, dst_schema, &dst);
+                    crate::apply::usercontext::as_owner(schema::relid(dst_schema, &dst), || {
+                        schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
+                    })
+                }
+            });
+            prepared.and_then(|build_pk| {
+                let ranges = super::parallel::split_pages(pages, gucs::snapshot_parallelism());
+                super::parallel::record_ranges(&task, &ranges)?;
+                let ids: Vec<i32> = (1..ranges.len())
+                    .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
+                    .collect();
+                let mut crew = super::parallel::Crew::start(&ctx.name, &ids);
+                pgtxn::run(|| {
+                    let n = super::parallel::finish_ranges(
+                        rt,
+                        &client,
+                        &ctx.name,
+                        &mut crew,
+                        &mut |r, b| copying.add(r, b),
+                    );
+                    crate::apply::mapping::record_columns(
+                        &ctx.name,
+                        &info.srcdb,
+                        t,
+                        &crate::apply::mapping::att_rows(src_shape, shape),
+                    );
+                    if build_pk {
+                        schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
+                    }
+                    crate::apply::indexes::copy_indexes(
+                        rt, &client, &ctx.name, shape, dst_schema, &dst,
+                    );
+                    schema::record_table(
+                        &ctx.name,
+                        t,
+                        dst_schema,
+                        &dst,
+                        shape.oid,
+                        consistent,
+                        n,
+                        Some(&cols),
+                    );
+                    super::parallel::forget_ranges(&ctx.name);
+                    n
+                })
+            })
+        } else {
+            let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
+            let mut feed_state = super::parallel::BatchedFeed::new(Box::pin(stream));
+            let mut feed = || feed_state.next(rt, &mut |r, b| copying.add(r, b));
+            pgtxn::run(|| {
+                schema::ensure_user_types(&user_types, dst_schema);
+                let build_pk = if schema::create_table(dst_schema, &dst, shape, true) {
+                    true
+                } else {
+                    schema::require_table(dst_schema, &dst);
+                    check_owner(&ctx.name, dst_schema, &dst);
+                    // As the table's owner (a DBA may have given it to another
+                    // role): its TRUNCATE triggers run with the owner's rights.
+                    crate::apply::usercontext::as_owner(schema::relid(dst_schema, &dst), || {
+                        schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
+                    })
+                };
+                // Created or emptied (TRUNCATE) in this transaction: rows go in frozen.
+                let n = crate::apply::mapping::copy_into(
+                    dst_schema, &dst, t, &src_cols, &cols, true, &mut feed,
+                );
+                crate::apply::mapping::record_columns(
+                    &ctx.name,
+                    &info.srcdb,
+                    t,
+                    &crate::apply::mapping::att_rows(src_shape, shape),
+                );
+                if build_pk {
+                    schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
+                }
+                crate::apply::indexes::copy_indexes(
+                    rt, &client, &ctx.name, shape, dst_schema, &dst,
+                );
+                schema::record_table(
+                    &ctx.name,
+                    t,
+                    dst_schema,
+                    &dst,
+                    shape.oid,
+                    consistent,
+                    n,
+                    Some(&cols),
+                );
+                n
+            })
+        };
         match loaded {
             Ok(n) => {
                 drop(copying);
@@ -467,9 +499,6 @@ pub(super) fn snapshot_tables(
     })?;
     Ok(())
 }
-
-/// Most bytes of COPY rows handed to the destination's COPY at once.
-const FEED_BATCH: usize = 64 * 1024;
 
 /// What `control::progress` shows for a table before its copy.
 fn estimate_of(shape: &SourceTable) -> crate::control::progress::TableEstimate {

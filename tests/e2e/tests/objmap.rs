@@ -431,6 +431,25 @@ fn reload_into_a_running_connector() {
         "SELECT id, name FROM public.customers WHERE name = 'mixed Case'",
         "SELECT id, name FROM postgres.customers WHERE name = 'mixed Case'",
     );
+
+    // A column mapping reloaded in a mode that copies: the table is copied
+    // again under its new column name (the rows transformed before come
+    // back as the source has them: nothing transforms them any more).
+    objmap(
+        &pair,
+        "rl",
+        "column",
+        "postgres.public.customers.name",
+        "full_name",
+    );
+    pair.dst.execute("SELECT synchdb_reload_objmap('rl')");
+    pair.src
+        .execute("INSERT INTO public.customers (name) VALUES ('after rename')");
+    wait_same(
+        &pair,
+        "SELECT id, name FROM public.customers ORDER BY id",
+        "SELECT id, full_name FROM postgres.customers ORDER BY id",
+    );
     assert_eq!(pair.state("rl").map(|s| s.err), Some("no error".into()));
 }
 
@@ -678,4 +697,56 @@ fn transforms_run_as_the_tables_owner() {
         Some("app".into())
     );
     assert_eq!(pair.state("ow").map(|s| s.err), Some("no error".into()));
+}
+
+#[test]
+fn a_column_mapping_reloaded_renames_in_place_in_no_data() {
+    let pair = Pair::new();
+    pair.add_connector_with("nd", "public.orders", "null");
+    pair.start("nd", "no_data");
+    wait_until(LONG, "the empty table", || {
+        pair.dst
+            .try_query_strings("SELECT count(*) FROM postgres.orders")
+            .is_ok()
+    });
+    pair.src.execute(
+        "INSERT INTO public.orders (id, customer, amount) VALUES (1001, 'streamed', 1), (1002, 'too', 2)",
+    );
+    let src = "SELECT id, customer, amount FROM public.orders WHERE id > 1000 ORDER BY id";
+    wait_same(
+        &pair,
+        src,
+        "SELECT id, customer, amount FROM postgres.orders ORDER BY id",
+    );
+    objmap(
+        &pair,
+        "nd",
+        "column",
+        "postgres.public.orders.customer",
+        "buyer",
+    );
+    objmap(
+        &pair,
+        "nd",
+        "datatype",
+        "postgres.public.orders.amount",
+        "numeric(12,3)",
+    );
+    pair.dst.execute("SELECT synchdb_reload_objmap('nd')");
+    pair.src.execute(
+        "INSERT INTO public.orders (id, customer, amount) VALUES (1003, 'mapped', 3);
+         UPDATE public.orders SET customer = 'changed' WHERE id = 1001;",
+    );
+    // Renamed and retyped in place: the rows already there are kept (this
+    // mode copies nothing), the new ones land under the new name.
+    wait_same(
+        &pair,
+        "SELECT id, customer, amount::numeric(12,3) FROM public.orders WHERE id > 1000 ORDER BY id",
+        "SELECT id, buyer, amount FROM postgres.orders ORDER BY id",
+    );
+    assert_eq!(
+        column_type(&pair, "postgres.orders", "amount").as_deref(),
+        Some("numeric(12,3)")
+    );
+    assert_eq!(pair.state("nd").map(|s| s.err), Some("no error".into()));
 }

@@ -104,7 +104,8 @@ REVOKE ALL ON synchdb_attribute FROM PUBLIC;
 -- The ctid ranges of a table being copied in parallel (engine/parallel.rs):
 -- each marked done in the transaction that loaded its rows.
 CREATE TABLE synchdb_copy_range (
-    name        text    NOT NULL,
+    name        text    NOT NULL REFERENCES synchdb_conninfo (name)
+                    ON DELETE CASCADE ON UPDATE CASCADE,
     id          int     NOT NULL,
     snapshot    text    NOT NULL,
     src_schema  text    NOT NULL,

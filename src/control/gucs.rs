@@ -33,6 +33,7 @@ static SNAPSHOT_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 102
 static MAX_RETRY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 static MAX_TRANSACTIONS_PER_COMMIT: GucSetting<i32> = GucSetting::<i32>::new(100);
 static SNAPSHOT_PARALLELISM: GucSetting<i32> = GucSetting::<i32>::new(2);
+static SNAPSHOT_PARALLEL_MIN_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
 pub fn init() {
     // Both names of the slot limit note whether they were set (see
@@ -109,6 +110,21 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"synchdb.snapshot_parallel_min_size",
+        c"Smallest table (on the source, in kB) copied in parallel ranges during a snapshot.",
+        c"Smaller tables are copied by the connector's worker alone.",
+        &SNAPSHOT_PARALLEL_MIN_KB,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
+}
+
+/// The smallest table, in bytes, copied in parallel ranges.
+pub fn snapshot_parallel_min_bytes() -> i64 {
+    i64::from(SNAPSHOT_PARALLEL_MIN_KB.get().max(0)) * 1024
 }
 
 /// How many processes copy one large table at once.

@@ -14,16 +14,14 @@
 //!
 //! Only for plain tables on sources from 14 (a TID range scan reads just
 //! the range; before 14 each range would read the whole table), larger
-//! than `PARALLEL_MIN_BYTES`, without transforms.
+//! than `synchdb.snapshot_parallel_min_size`, without transforms.
 
 use super::*;
 use crate::control::worker::stopping;
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker, SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
+    SignalWakeFlags,
 };
-
-/// Tables smaller than this are copied by the connector's worker alone.
-pub(super) const PARALLEL_MIN_BYTES: i64 = 64 * 1024 * 1024;
 
 /// One range of pages of the table: `[first, end)`, the last open-ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +85,7 @@ pub(super) fn pages_for_parallel(
         (Ok(b), Ok(s)) if s > 0 => (b, s),
         _ => return Ok(None),
     };
-    Ok((bytes >= PARALLEL_MIN_BYTES).then_some(bytes / block_size + 1))
+    Ok((bytes >= gucs::snapshot_parallel_min_bytes()).then_some(bytes / block_size + 1))
 }
 
 /// What one range copies, as stored in `synchdb_copy_range`.
@@ -101,16 +99,36 @@ pub(super) struct RangeTask<'a> {
     pub(super) cols: &'a [String],
 }
 
+thread_local! {
+    static NEXT_RANGE_ID: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
+}
+
 /// Records the ranges of a table (after forgetting older ones of the
-/// connector: they belong to a snapshot that is gone). Committed before
-/// any worker starts.
-pub(super) fn record_ranges(task: &RangeTask<'_>, ranges: &[PageRange]) -> Result<(), String> {
+/// connector: they belong to a snapshot that is gone) and returns their
+/// ids. The ids are new for every table copy (they start from the worker's
+/// process id and count up), so a copy worker that starts late, after its
+/// table was finished without it, finds no range of its own and ends.
+/// Committed before any worker starts.
+pub(super) fn record_ranges(
+    task: &RangeTask<'_>,
+    ranges: &[PageRange],
+) -> Result<Vec<i32>, String> {
+    let n = i32::try_from(ranges.len()).unwrap_or(i32::MAX);
+    let base = NEXT_RANGE_ID.with(|c| {
+        let mut b = c.get();
+        if b == 0 {
+            b = unsafe { pg_sys::MyProcPid }.rem_euclid(1 << 20) << 10;
+        }
+        c.set(b.wrapping_add(n).rem_euclid(i32::MAX - 4096).max(1));
+        b
+    });
+    let ids: Vec<i32> = (0..n).map(|i| base.wrapping_add(i)).collect();
     pgtxn::run(|| {
         Spi::run_with_args(
             "DELETE FROM public.synchdb_copy_range WHERE name = $1",
             &[task.connector.into()],
         )?;
-        for (i, r) in ranges.iter().enumerate() {
+        for (id, r) in ids.iter().zip(ranges) {
             Spi::run_with_args(
                 "INSERT INTO public.synchdb_copy_range
                    (name, id, snapshot, src_schema, src_table, src_columns,
@@ -118,7 +136,7 @@ pub(super) fn record_ranges(task: &RangeTask<'_>, ranges: &[PageRange]) -> Resul
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 &[
                     task.connector.into(),
-                    i32::try_from(i).unwrap_or(i32::MAX).into(),
+                    (*id).into(),
                     task.snapshot.into(),
                     task.src.schema.as_str().into(),
                     task.src.table.as_str().into(),
@@ -133,7 +151,8 @@ pub(super) fn record_ranges(task: &RangeTask<'_>, ranges: &[PageRange]) -> Resul
         }
         Ok::<(), pgrx::spi::SpiError>(())
     })?
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    Ok(ids)
 }
 
 /// Forgets the connector's ranges (in the caller's transaction).
@@ -193,7 +212,13 @@ impl Crew {
     pub(super) fn exited(&mut self) -> Vec<i32> {
         let mut out = Vec::new();
         self.workers.retain(|(id, w)| {
-            if w.pid().is_err() {
+            // Not yet started is still on its way: only a stopped worker
+            // (or none at all, the postmaster gone) has let its range go.
+            let gone = matches!(
+                w.pid(),
+                Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)
+            );
+            if gone {
                 out.push(*id);
                 false
             } else {
@@ -223,10 +248,12 @@ pub(super) fn finish_ranges(
     crew: &mut Crew,
     on_batch: &mut dyn FnMut(u64, u64),
 ) -> u64 {
-    let here: Vec<i32> = range_states(connector)
+    let states = range_states(connector);
+    let first = states.first().map(|(id, ..)| *id);
+    let here: Vec<i32> = states
         .into_iter()
         .map(|(id, ..)| id)
-        .filter(|id| *id == 0 || !crew.has(*id))
+        .filter(|id| Some(*id) == first || !crew.has(*id))
         .collect();
     for id in here {
         if let Err(e) = copy_range(rt, client, connector, id, on_batch) {
@@ -474,12 +501,18 @@ fn copy_worker(connector: &str, id: i32) -> Result<(), String> {
     block(
         &rt,
         client.batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'; \
+             SET LOCAL lock_timeout = '1s'",
             snapshot.replace('\'', "''")
         )),
     )
     .map_err(stop_text)?
     .map_err(|e| source::describe_pg_error(&e))?;
+    // The lock timeout: the connector's own snapshot transaction holds the
+    // table's lock, but a request queued behind it (an ALTER TABLE on the
+    // source waiting for the snapshot to end) would make this worker wait
+    // for ever while the connector waits for this worker. The worker gives
+    // up instead, and the connector copies the range itself.
     let n = pgtxn::run(|| copy_range(&rt, &client, connector, id, &mut |_, _| {}))??;
     pgrx::log!("synchdb: connector \"{connector}\": copy range {id} copied {n} rows");
     let _ = block(&rt, client.batch_execute("COMMIT"));

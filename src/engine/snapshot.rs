@@ -342,7 +342,22 @@ pub(super) fn snapshot_tables(
         } else {
             super::parallel::pages_for_parallel(rt, &client, src_shape)?
         };
-        let loaded = if let Some(pages) = pages {
+        // A table copied in ranges is created first, in a transaction of its
+        // own (the copy workers must see it), and recorded there as owing a
+        // copy (it is this connector's, and a start after a failure copies
+        // it again); a table that exists already is copied the usual way.
+        let created = match pages {
+            Some(_) => pgtxn::run(|| {
+                schema::ensure_user_types(&user_types, dst_schema);
+                let created = schema::create_table(dst_schema, &dst, shape, true);
+                if created {
+                    schema::request_copy(&ctx.name, t, dst_schema, &dst);
+                }
+                created
+            }),
+            None => Ok(false),
+        };
+        let loaded = if let (Some(pages), Ok(true)) = (pages, &created) {
             let task = super::parallel::RangeTask {
                 connector: &ctx.name,
                 snapshot: &snapshot_name,
@@ -352,25 +367,11 @@ pub(super) fn snapshot_tables(
                 dst_table: &dst,
                 cols: &cols,
             };
-            let prepared = pgtxn::run(|| {
-                schema::ensure_user_types(&user_types, dst_schema);
-                if schema::create_table(dst_schema, &dst, shape, true) {
-                    true
-                } else {
-                    schema::require_table(dst_schema, &dst);
-                    check_owner(&ctx.name, dst_schema, &dst);
-                    crate::apply::usercontext::as_owner(schema::relid(dst_schema, &dst), || {
-                        schema::reshape_for_copy(dst_schema, &dst, shape, prev_cols.as_deref())
-                    })
-                }
-            });
-            prepared.and_then(|build_pk| {
+            let build_pk = true;
+            (|| {
                 let ranges = super::parallel::split_pages(pages, gucs::snapshot_parallelism());
-                super::parallel::record_ranges(&task, &ranges)?;
-                let ids: Vec<i32> = (1..ranges.len())
-                    .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
-                    .collect();
-                let mut crew = super::parallel::Crew::start(&ctx.name, &ids);
+                let ids = super::parallel::record_ranges(&task, &ranges)?;
+                let mut crew = super::parallel::Crew::start(&ctx.name, ids.get(1..).unwrap_or(&[]));
                 pgtxn::run(|| {
                     let n = super::parallel::finish_ranges(
                         rt,
@@ -404,7 +405,9 @@ pub(super) fn snapshot_tables(
                     super::parallel::forget_ranges(&ctx.name);
                     n
                 })
-            })
+            })()
+        } else if let Err(e) = created {
+            Err(e)
         } else {
             let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
             let mut feed_state = super::parallel::BatchedFeed::new(Box::pin(stream));

@@ -281,6 +281,22 @@ impl Chaos {
             ));
             pair.src.execute("SELECT pg_reload_conf()");
         }
+        // Odd seeds copy every plain table in parallel ctid ranges (copy
+        // workers under the connector's exported snapshot) on sources from
+        // 14, where the connector does so for large tables.
+        // SYNCHDB_CHAOS_PARALLEL=0/1 overrides, to narrow a failure down.
+        let parallel = match std::env::var("SYNCHDB_CHAOS_PARALLEL").as_deref() {
+            Ok("0") => false,
+            Ok("1") => true,
+            _ => seed % 2 == 1,
+        };
+        if parallel {
+            pair.dst
+                .execute("ALTER SYSTEM SET synchdb.snapshot_parallel_min_size = 0");
+            pair.dst
+                .execute("ALTER SYSTEM SET synchdb.snapshot_parallelism = 3");
+            pair.dst.execute("SELECT pg_reload_conf()");
+        }
         Chaos {
             seed,
             rng: Rng(seed ^ 0x5EED_C4A0_5EED_C4A0),

@@ -75,10 +75,11 @@ fn large_table_copied_in_ranges_under_writes_equals_source() {
         digest(&pair.src, "public.big")
     );
     let log = pair.dst.log_contents();
-    assert!(
-        log.contains("copy range 1 copied") && log.contains("copy range 2 copied"),
-        "copy workers did not copy ranges"
-    );
+    let by_workers = log
+        .lines()
+        .filter(|l| l.contains("\": copy range ") && l.contains(" copied "))
+        .count();
+    assert!(by_workers >= 2, "copy workers copied {by_workers} ranges");
     // The ranges are forgotten once the table is ready; its key is there.
     assert_eq!(
         pair.dst

@@ -118,6 +118,9 @@ CREATE TABLE synchdb_copy_range (
     end_page    bigint,
     rows        bigint,
     done        boolean NOT NULL DEFAULT false,
+    -- COPY's binary format (both sides agree on every column's type).
+    binary_rows boolean NOT NULL DEFAULT false,
     err         text,
     PRIMARY KEY (name, id)
 );
+REVOKE ALL ON synchdb_copy_range FROM PUBLIC;

@@ -1049,6 +1049,16 @@ fn dest_columns(rel: &Relation, t: &TableTarget) -> (Vec<Option<DestColumn>>, us
 // ---------------------------------------------------------------------------
 // Snapshot bulk load through COPY FROM with a data-source callback.
 
+/// How `copy_into` reads its rows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CopyOptions {
+    /// `FREEZE`: the table was created or emptied in this transaction.
+    pub freeze: bool,
+    /// `FORMAT binary`: the rows come in COPY's binary format (every column
+    /// of a built-in type, the same on both sides).
+    pub binary: bool,
+}
+
 type Feed<'a> = &'a mut dyn FnMut() -> Result<Option<Bytes>, String>;
 
 struct CopyFeed {
@@ -1120,9 +1130,10 @@ pub fn copy_into(
     schema: &str,
     table: &str,
     columns: &[String],
-    freeze: bool,
+    freeze: CopyOptions,
     feed: Feed<'_>,
 ) -> u64 {
+    let CopyOptions { freeze, binary } = freeze;
     let qualified = sqlgen::qualified(schema, table);
     let relid = match Spi::get_one_with_args::<pg_sys::Oid>(
         "SELECT $1::regclass::oid",
@@ -1168,6 +1179,14 @@ pub fn copy_into(
             usercontext::refuse_row_security(relid, owner);
         }
         let mut options: *mut pg_sys::List = std::ptr::null_mut();
+        if binary {
+            let elem = pg_sys::makeDefElem(
+                pg_sys::pstrdup(c"format".as_ptr()),
+                pg_sys::makeString(pg_sys::pstrdup(c"binary".as_ptr())) as *mut pg_sys::Node,
+                -1,
+            );
+            options = pg_sys::lappend(options, elem as *mut c_void);
+        }
         if freeze {
             let elem = pg_sys::makeDefElem(
                 pg_sys::pstrdup(c"freeze".as_ptr()),

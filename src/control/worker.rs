@@ -150,6 +150,18 @@ fn parse_extra(extra: &str) -> Option<(usize, Mode, String)> {
     Some((idx, mode, name))
 }
 
+/// The session settings every process writing a connector's rows runs
+/// under (the connector's worker and its copy workers); false when they
+/// could not be applied.
+pub fn apply_session_settings() -> bool {
+    let settings = crate::apply::pgtxn::run(|| {
+        Spi::run(
+            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off; SET datestyle = 'ISO'; SET intervalstyle = 'postgres'; SET lc_monetary = 'C'; SET standard_conforming_strings = on",
+        )
+    });
+    matches!(settings, Ok(Ok(())))
+}
+
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
@@ -182,12 +194,7 @@ pub extern "C-unwind" fn synchdb_engine_main(arg: pg_sys::Datum) {
     // "disabled" (1e10), which would make every execution compile itself
     // with JIT (seconds per change): jit is off. Text from the source is read
     // under the same settings it was written with (see source::PINNED_OPTIONS).
-    let settings = crate::apply::pgtxn::run(|| {
-        Spi::run(
-            "SET session_replication_role = replica; SET search_path = ''; SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off; SET datestyle = 'ISO'; SET intervalstyle = 'postgres'; SET lc_monetary = 'C'; SET standard_conforming_strings = on",
-        )
-    });
-    if !matches!(settings, Ok(Ok(()))) {
+    if !apply_session_settings() {
         slot.set_err(&format!(
             "connector \"{name}\": could not apply session settings"
         ));

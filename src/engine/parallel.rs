@@ -12,7 +12,7 @@
 //! next start copies it again, whole, under a new snapshot (the ranges
 //! already copied belong to a snapshot that is gone).
 //!
-//! Only for plain tables on sources from 14 (a TID range scan reads just
+//! Only for plain tables without inheritance children on sources from 14 (a TID range scan reads just
 //! the range; before 14 each range would read the whole table), larger
 //! than `synchdb.snapshot_parallel_min_size`, without transforms.
 
@@ -42,6 +42,11 @@ pub(super) fn split_pages(pages: i64, n: usize) -> Vec<PageRange> {
             end: (i + 1 < n).then_some((i + 1) * step),
         })
         .collect()
+}
+
+/// A `COPY ... TO STDOUT` statement asking for the binary format.
+pub(super) fn binary_format(copy_sql: &str) -> String {
+    format!("{copy_sql} (FORMAT binary)")
 }
 
 /// The source query of one range.
@@ -75,7 +80,8 @@ pub(super) fn pages_for_parallel(
         client.query_opt(
             "SELECT pg_catalog.pg_relation_size(c.oid),
                     pg_catalog.current_setting('block_size')::bigint
-               FROM pg_catalog.pg_class c WHERE c.oid = $1 AND c.relkind = 'r'",
+               FROM pg_catalog.pg_class c
+              WHERE c.oid = $1 AND c.relkind = 'r' AND NOT c.relhassubclass",
             &[&shape.oid],
         ),
     )?
@@ -90,6 +96,7 @@ pub(super) fn pages_for_parallel(
 
 /// What one range copies, as stored in `synchdb_copy_range`.
 pub(super) struct RangeTask<'a> {
+    pub(super) binary: bool,
     pub(super) connector: &'a str,
     pub(super) snapshot: &'a str,
     pub(super) src: &'a TableRef,
@@ -132,8 +139,8 @@ pub(super) fn record_ranges(
             Spi::run_with_args(
                 "INSERT INTO public.synchdb_copy_range
                    (name, id, snapshot, src_schema, src_table, src_columns,
-                    dst_schema, dst_table, dst_columns, first_page, end_page)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    dst_schema, dst_table, dst_columns, first_page, end_page, binary_rows)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 &[
                     task.connector.into(),
                     (*id).into(),
@@ -146,6 +153,7 @@ pub(super) fn record_ranges(
                     task.cols.to_vec().into(),
                     r.first.into(),
                     r.end.into(),
+                    task.binary.into(),
                 ],
             )?;
         }
@@ -336,7 +344,7 @@ pub(super) fn copy_range(
     let row = Spi::connect(|c| {
         c.select(
             "SELECT src_schema, src_table, src_columns, dst_schema, dst_table, dst_columns,
-                    first_page, end_page
+                    first_page, end_page, binary_rows
                FROM public.synchdb_copy_range WHERE name = $1 AND id = $2",
             None,
             &[connector.into(), id.into()],
@@ -353,32 +361,42 @@ pub(super) fn copy_range(
                 r.get::<Vec<String>>(6).ok().flatten().unwrap_or_default(),
                 r.get::<i64>(7).ok().flatten().unwrap_or(0),
                 r.get::<i64>(8).ok().flatten(),
+                r.get::<bool>(9).ok().flatten().unwrap_or(false),
             )
         })
     });
-    let Some((s_schema, s_table, s_cols, d_schema, d_table, d_cols, first, end)) = row else {
+    let Some((s_schema, s_table, s_cols, d_schema, d_table, d_cols, first, end, binary)) = row
+    else {
         return Err(format!(
             "copy range {id} of connector \"{connector}\" is not recorded"
         ));
     };
     let refs: Vec<&str> = s_cols.iter().map(|s| s.as_str()).collect();
     let sql = range_query(&s_schema, &s_table, &refs, &PageRange { first, end });
+    let sql = if binary { binary_format(&sql) } else { sql };
     let stream = block(rt, client.copy_out(sql.as_str()))
         .map_err(stop_text)?
         .map_err(|e| source::describe_pg_error(&e))?;
     let mut feed_state = BatchedFeed::new(Box::pin(stream));
     let mut feed = || feed_state.next(rt, on_batch);
-    let n = crate::apply::applier::copy_into(&d_schema, &d_table, &d_cols, false, &mut feed);
-    Spi::run_with_args(
+    let opts = crate::apply::applier::CopyOptions {
+        freeze: false,
+        binary,
+    };
+    let n = crate::apply::applier::copy_into(&d_schema, &d_table, &d_cols, opts, &mut feed);
+    // Exactly this range marked done, or the rows go back (an ERROR).
+    let marked = Spi::get_one_with_args::<i32>(
         "UPDATE public.synchdb_copy_range SET done = true, rows = $3, err = NULL
-          WHERE name = $1 AND id = $2",
+          WHERE name = $1 AND id = $2 AND NOT done RETURNING id",
         &[
             connector.into(),
             id.into(),
             i64::try_from(n).unwrap_or(i64::MAX).into(),
         ],
-    )
-    .map_err(|e| e.to_string())?;
+    );
+    if !matches!(marked, Ok(Some(m)) if m == id) {
+        pgrx::error!("copy range {id} of connector \"{connector}\" is no longer recorded");
+    }
     Ok(n)
 }
 
@@ -426,7 +444,8 @@ impl BatchedFeed {
             Some(Err(e)) => return Err(source::describe_pg_error(&e)),
         };
         let mut batch = bytes::BytesMut::new();
-        let mut rows = crate::control::progress::text_rows(&first);
+        // PostgreSQL sends one row per CopyData message, in either format.
+        let mut rows = 1;
         while batch.len().max(first.len()) < FEED_BATCH {
             match futures_util::FutureExt::now_or_never(self.stream.next()) {
                 Some(Some(Ok(b))) => {
@@ -434,7 +453,7 @@ impl BatchedFeed {
                         batch.reserve(FEED_BATCH + first.len());
                         batch.extend_from_slice(&first);
                     }
-                    rows += crate::control::progress::text_rows(&b);
+                    rows += 1;
                     batch.extend_from_slice(&b);
                 }
                 Some(Some(Err(e))) => return Err(source::describe_pg_error(&e)),
@@ -470,7 +489,13 @@ pub extern "C-unwind" fn synchdb_copy_main(arg: pg_sys::Datum) {
         return;
     };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(dboid), None);
-    if let Err(e) = copy_worker(&connector, id) {
+    // The connector's own session settings: text is read as it was written.
+    let result = if crate::control::worker::apply_session_settings() {
+        copy_worker(&connector, id)
+    } else {
+        Err("could not apply the session settings".into())
+    };
+    if let Err(e) = result {
         pgrx::log!("synchdb: connector \"{connector}\": copy range {id} failed: {e}");
         let _ = pgtxn::run(|| {
             Spi::run_with_args(
@@ -513,7 +538,19 @@ fn copy_worker(connector: &str, id: i32) -> Result<(), String> {
     // source waiting for the snapshot to end) would make this worker wait
     // for ever while the connector waits for this worker. The worker gives
     // up instead, and the connector copies the range itself.
-    let n = pgtxn::run(|| copy_range(&rt, &client, connector, id, &mut |_, _| {}))??;
+    // Nor does it wait for the destination table's lock behind another
+    // session's request queued behind the connector's lock: it gives up,
+    // and the connector (which holds the lock) copies the range.
+    let n = pgtxn::run(|| {
+        if let Err(e) = Spi::run("SET LOCAL lock_timeout = '1s'") {
+            pgrx::error!("{e}");
+        }
+        // An Err after rows were written must not commit them: raised.
+        match copy_range(&rt, &client, connector, id, &mut |_, _| {}) {
+            Ok(n) => n,
+            Err(e) => pgrx::error!("{e}"),
+        }
+    })?;
     pgrx::log!("synchdb: connector \"{connector}\": copy range {id} copied {n} rows");
     let _ = block(&rt, client.batch_execute("COMMIT"));
     Ok(())

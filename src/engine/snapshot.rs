@@ -357,8 +357,11 @@ pub(super) fn snapshot_tables(
             }),
             None => Ok(false),
         };
+        // COPY's binary format when both sides agree on every type.
+        let binary = !maps.has_transforms(t) && binary_copy(src_shape, shape);
         let loaded = if let (Some(pages), Ok(true)) = (pages, &created) {
             let task = super::parallel::RangeTask {
+                binary,
                 connector: &ctx.name,
                 snapshot: &snapshot_name,
                 src: t,
@@ -409,6 +412,11 @@ pub(super) fn snapshot_tables(
         } else if let Err(e) = created {
             Err(e)
         } else {
+            let sql = if binary {
+                super::parallel::binary_format(&sql)
+            } else {
+                sql
+            };
             let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
             let mut feed_state = super::parallel::BatchedFeed::new(Box::pin(stream));
             let mut feed = || feed_state.next(rt, &mut |r, b| copying.add(r, b));
@@ -427,7 +435,16 @@ pub(super) fn snapshot_tables(
                 };
                 // Created or emptied (TRUNCATE) in this transaction: rows go in frozen.
                 let n = crate::apply::mapping::copy_into(
-                    dst_schema, &dst, t, &src_cols, &cols, true, &mut feed,
+                    dst_schema,
+                    &dst,
+                    t,
+                    &src_cols,
+                    &cols,
+                    crate::apply::applier::CopyOptions {
+                        freeze: true,
+                        binary,
+                    },
+                    &mut feed,
                 );
                 crate::apply::mapping::record_columns(
                     &ctx.name,
@@ -501,6 +518,25 @@ pub(super) fn snapshot_tables(
         tokio::time::sleep(Duration::from_millis(20)).await
     })?;
     Ok(())
+}
+
+/// Whether a table is copied in COPY's binary format: from sources 14 on,
+/// when every copied column is of a built-in type (same OID and binary form
+/// on both sides) and lands in a column of the very same type (no mapping
+/// changed it). Otherwise text, which every input function reads.
+pub(super) fn binary_copy(src: &SourceTable, dst: &SourceTable) -> bool {
+    source::server_version() >= 140000
+        && src.columns.len() == dst.columns.len()
+        && src
+            .columns
+            .iter()
+            .zip(&dst.columns)
+            .filter(|(c, _)| c.generated.is_none())
+            .all(|(a, b)| {
+                a.type_oid < 10000
+                    && matches!((&a.ty, &b.ty),
+                        (source::ColumnType::Builtin(x), source::ColumnType::Builtin(y)) if x == y)
+            })
 }
 
 /// What `control::progress` shows for a table before its copy.

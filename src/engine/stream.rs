@@ -322,9 +322,13 @@ pub(super) fn stream(
         // task read the socket and send feedback).
         let ev = match futures_util::FutureExt::now_or_never(client.recv()) {
             Some(r) => Ok(r),
-            None => rt.block_on(async {
-                tokio::time::timeout(Duration::from_millis(200), client.recv()).await
-            }),
+            // Nothing more buffered: deferred source transactions commit now.
+            None if applier.group_pending().is_some() => Err(()),
+            None => rt
+                .block_on(async {
+                    tokio::time::timeout(Duration::from_millis(200), client.recv()).await
+                })
+                .map_err(|_| ()),
         };
         let ev = match ev {
             Err(_) if applier.group_pending().is_some() => None,

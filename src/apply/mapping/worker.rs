@@ -151,7 +151,7 @@ pub fn copy_into(
     t: &TableRef,
     src_cols: &[String],
     cols: &[String],
-    freeze: bool,
+    freeze: applier::CopyOptions,
     feed: &mut dyn FnMut() -> Result<Option<bytes::Bytes>, String>,
 ) -> u64 {
     let m = current();
@@ -180,7 +180,13 @@ pub fn copy_into(
         "CREATE TEMPORARY TABLE synchdb_stage ({})",
         defs.join(", ")
     ));
-    applier::copy_into("pg_temp", "synchdb_stage", cols, false, feed);
+    applier::copy_into(
+        "pg_temp",
+        "synchdb_stage",
+        cols,
+        applier::CopyOptions::default(),
+        feed,
+    );
     let relid = schema::relid(schema_name, table);
     let owner = relid.and_then(usercontext::run_as);
     if let (Some(relid), Some(owner)) = (relid, owner) {

@@ -357,6 +357,30 @@ pub(super) fn snapshot_tables(
             }),
             None => Ok(false),
         };
+        // What follows the rows in the table's final transaction: its
+        // mapped columns shown, key and indexes built, position recorded.
+        let finish = |n: u64, build_pk: bool| {
+            crate::apply::mapping::record_columns(
+                &ctx.name,
+                &info.srcdb,
+                t,
+                &crate::apply::mapping::att_rows(src_shape, shape),
+            );
+            if build_pk {
+                schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
+            }
+            crate::apply::indexes::copy_indexes(rt, &client, &ctx.name, shape, dst_schema, &dst);
+            schema::record_table(
+                &ctx.name,
+                t,
+                dst_schema,
+                &dst,
+                shape.oid,
+                consistent,
+                n,
+                Some(&cols),
+            );
+        };
         // COPY's binary format when both sides agree on every type.
         let binary = !maps.has_transforms(t) && binary_copy(src_shape, shape);
         let loaded = if let (Some(pages), Ok(true)) = (pages, &created) {
@@ -383,28 +407,7 @@ pub(super) fn snapshot_tables(
                         &mut crew,
                         &mut |r, b| copying.add(r, b),
                     );
-                    crate::apply::mapping::record_columns(
-                        &ctx.name,
-                        &info.srcdb,
-                        t,
-                        &crate::apply::mapping::att_rows(src_shape, shape),
-                    );
-                    if build_pk {
-                        schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
-                    }
-                    crate::apply::indexes::copy_indexes(
-                        rt, &client, &ctx.name, shape, dst_schema, &dst,
-                    );
-                    schema::record_table(
-                        &ctx.name,
-                        t,
-                        dst_schema,
-                        &dst,
-                        shape.oid,
-                        consistent,
-                        n,
-                        Some(&cols),
-                    );
+                    finish(n, build_pk);
                     super::parallel::forget_ranges(&ctx.name);
                     n
                 })
@@ -446,28 +449,7 @@ pub(super) fn snapshot_tables(
                     },
                     &mut feed,
                 );
-                crate::apply::mapping::record_columns(
-                    &ctx.name,
-                    &info.srcdb,
-                    t,
-                    &crate::apply::mapping::att_rows(src_shape, shape),
-                );
-                if build_pk {
-                    schema::add_primary_key(dst_schema, &dst, &shape.primary_key);
-                }
-                crate::apply::indexes::copy_indexes(
-                    rt, &client, &ctx.name, shape, dst_schema, &dst,
-                );
-                schema::record_table(
-                    &ctx.name,
-                    t,
-                    dst_schema,
-                    &dst,
-                    shape.oid,
-                    consistent,
-                    n,
-                    Some(&cols),
-                );
+                finish(n, build_pk);
                 n
             })
         };

@@ -32,7 +32,7 @@ static SNAPSHOT_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 102
 /// Upper bound of the retry backoff for source connection problems, in seconds.
 static MAX_RETRY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
 static MAX_TRANSACTIONS_PER_COMMIT: GucSetting<i32> = GucSetting::<i32>::new(100);
-static SNAPSHOT_PARALLELISM: GucSetting<i32> = GucSetting::<i32>::new(2);
+static SNAPSHOT_PARALLELISM: GucSetting<i32> = GucSetting::<i32>::new(1);
 static SNAPSHOT_PARALLEL_MIN_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 
 pub fn init() {

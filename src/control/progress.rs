@@ -887,12 +887,6 @@ pub fn synchdb_snapshot_progress_total_rows() -> TableIterator<
     )
 }
 
-/// Rows in a chunk of COPY text data: each row ends with a newline (one
-/// inside a value is escaped as `\n`).
-pub fn text_rows(chunk: &[u8]) -> u64 {
-    chunk.iter().filter(|b| **b == b'\n').count() as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1061,12 +1055,5 @@ mod tests {
         stale.flush();
         assert_eq!(b.rows.load(Ordering::Acquire), 39_990);
         assert_eq!(counts("b").map(|c| c.0), Some(10_000));
-    }
-
-    #[test]
-    fn counts_text_rows() {
-        assert_eq!(text_rows(b"1\ta\n2\tb\\nc\n"), 2);
-        assert_eq!(text_rows(b""), 0);
-        assert_eq!(text_rows(b"partial row"), 0);
     }
 }

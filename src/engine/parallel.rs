@@ -291,12 +291,17 @@ pub(super) fn finish_ranges(
                 redo.push(*id);
             }
         }
-        for id in redo {
-            if let Err(e) = copy_range(rt, client, connector, id, on_batch) {
-                pgrx::error!("{e}");
+        // Read again only when this process has just marked ranges done.
+        let states = if redo.is_empty() {
+            states
+        } else {
+            for id in redo {
+                if let Err(e) = copy_range(rt, client, connector, id, on_batch) {
+                    pgrx::error!("{e}");
+                }
             }
-        }
-        let states = range_states(connector);
+            range_states(connector)
+        };
         if states.iter().all(|(_, done, ..)| *done) {
             return states
                 .iter()

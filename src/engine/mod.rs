@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 /// Why one attempt ended.
 mod parallel;
+mod reader;
 mod review;
 mod snapshot;
 mod spool;

@@ -144,7 +144,7 @@ pub(super) fn open_snapshot(
     block(
         rt,
         client.batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            "SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
             snapshot_name.replace('\'', "''")
         )),
     )?
@@ -291,6 +291,7 @@ pub(super) fn snapshot_tables(
         &ctx.name,
         &progress_estimates(ctx, rt, &client, &shapes)?,
     );
+    let mut reader = super::reader::Reader::start(info, &snapshot_name);
     let mut restart = false;
     for shape in &shapes {
         if crate::control::worker::stopping() {
@@ -420,8 +421,16 @@ pub(super) fn snapshot_tables(
             } else {
                 sql
             };
-            let stream = block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
-            let mut feed_state = super::parallel::BatchedFeed::new(Box::pin(stream));
+            // Read by the reader's thread when it can, else here.
+            let trim = binary.then(|| char_columns(shape));
+            let mut feed_state = match reader.copy(&ctx.name, t, &sql, trim)? {
+                Some(f) => TableFeed::Reader(f),
+                None => {
+                    let stream =
+                        block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
+                    TableFeed::Inline(super::parallel::BatchedFeed::new(Box::pin(stream)))
+                }
+            };
             let mut feed = || feed_state.next(rt, &mut |r, b| copying.add(r, b));
             pgtxn::run(|| {
                 schema::ensure_user_types(&user_types, dst_schema);
@@ -481,6 +490,7 @@ pub(super) fn snapshot_tables(
             }
         }
     }
+    drop(reader);
     let _ = block(rt, client.batch_execute("COMMIT"));
     drop(client);
     if restart {
@@ -502,6 +512,26 @@ pub(super) fn snapshot_tables(
     Ok(())
 }
 
+/// Where a table's rows come from: the snapshot reader's thread, or the
+/// snapshot connection itself.
+enum TableFeed {
+    Reader(super::reader::ReaderFeed),
+    Inline(super::parallel::BatchedFeed),
+}
+
+impl TableFeed {
+    fn next(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        on_batch: &mut dyn FnMut(u64, u64),
+    ) -> Result<Option<bytes::Bytes>, String> {
+        match self {
+            TableFeed::Reader(f) => f.next(on_batch),
+            TableFeed::Inline(f) => f.next(rt, on_batch),
+        }
+    }
+}
+
 /// Whether a table is copied in COPY's binary format: from sources 14 on,
 /// when every copied column is of a built-in type (same OID and binary form
 /// on both sides) and lands in a column of the very same type (no mapping
@@ -519,6 +549,22 @@ pub(super) fn binary_copy(src: &SourceTable, dst: &SourceTable) -> bool {
                     && matches!((&a.ty, &b.ty),
                         (source::ColumnType::Builtin(x), source::ColumnType::Builtin(y)) if x == y)
             })
+}
+
+/// Per stored column, whether it is `char(n)` (with a declared length, not
+/// an array): its values' trailing blanks need not be sent to the
+/// destination's input function, which pads them again.
+fn char_columns(shape: &SourceTable) -> Vec<bool> {
+    shape
+        .columns
+        .iter()
+        .filter(|c| c.generated.is_none())
+        .map(|c| {
+            c.type_oid == 1042
+                && matches!(&c.ty, source::ColumnType::Builtin(t)
+                    if t.starts_with("character(") && t.ends_with(')'))
+        })
+        .collect()
 }
 
 /// What `control::progress` shows for a table before its copy.

@@ -104,6 +104,7 @@ pub(super) fn replication_config(info: &ConnInfo) -> replication::Config {
         // Checked when the connector started, and by source::connect,
         // which always opens the normal connection first.
         tls: info.tls().unwrap_or_default(),
+        replication: true,
     }
 }
 

@@ -77,6 +77,9 @@ pub struct Config {
     pub options: String,
     /// sslmode and the PEM files (read at each connection).
     pub tls: crate::source::tls::Options,
+    /// A walsender session (`replication=database`); false opens a normal
+    /// session (the snapshot reader's).
+    pub replication: bool,
 }
 
 /// One frame of the backend protocol: type byte and body.
@@ -104,6 +107,77 @@ pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ReplError> {
     let tag = frame[0];
     frame.advance(5);
     Ok(Some((tag, frame)))
+}
+
+/// Bytes asked of the socket at once while a COPY's data arrives.
+const COPY_READ: usize = 256 * 1024;
+
+/// What one pass of `scan_copy_out` over received bytes found.
+#[derive(Debug, Default)]
+pub struct CopyScan {
+    /// Bytes of complete messages consumed from the front.
+    pub consumed: usize,
+    /// CopyData messages whose payloads were appended.
+    pub rows: u64,
+    /// Their payloads' bytes as received.
+    pub bytes: u64,
+    /// The server's error, when it sent one.
+    pub error: Option<ReplError>,
+    /// ReadyForQuery seen: the statement is over.
+    pub ready: bool,
+    /// When the pass stopped at an incomplete message (the first byte not
+    /// consumed): its size in all (0 when even its header is incomplete).
+    pub need: usize,
+}
+
+/// Walks the complete messages at the front of `buf`, received while a
+/// COPY sends its data, handing the payloads of CopyData messages to
+/// `append` (with `out`) in place (no message is split off or allocated),
+/// until `out` holds `limit` bytes, a message is incomplete, or
+/// ReadyForQuery. Claimed lengths are checked as in `take_frame`.
+pub fn scan_copy_out(
+    buf: &[u8],
+    out: &mut BytesMut,
+    limit: usize,
+    append: &mut dyn FnMut(&[u8], &mut BytesMut),
+) -> Result<CopyScan, ReplError> {
+    let mut scan = CopyScan::default();
+    let mut at = 0usize;
+    while out.len() < limit {
+        let Some(head) = buf.get(at..at + 5) else {
+            break;
+        };
+        let tag = head[0];
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|l| (4..=MAX_MESSAGE).contains(l))
+            .ok_or_else(|| {
+                ReplError::Protocol(format!("message '{}' claims length {len}", tag as char))
+            })?;
+        let Some(body) = buf.get(at + 5..at + 1 + len) else {
+            scan.need = 1 + len;
+            break;
+        };
+        match tag {
+            b'd' => {
+                append(body, out);
+                scan.rows += 1;
+                scan.bytes += body.len() as u64;
+            }
+            b'E' if scan.error.is_none() => scan.error = Some(parse_error(body)),
+            b'Z' => {
+                scan.ready = true;
+                at += 1 + len;
+                break;
+            }
+            // CopyDone, CommandComplete, notices, parameter status.
+            _ => {}
+        }
+        at += 1 + len;
+    }
+    scan.consumed = at;
+    Ok(scan)
 }
 
 /// The message and SQLSTATE of an ErrorResponse body.
@@ -209,10 +283,12 @@ impl Session {
         let mut params: Vec<(&str, &str)> = vec![
             ("user", cfg.user.as_str()),
             ("database", cfg.dbname.as_str()),
-            ("replication", "database"),
             ("client_encoding", "UTF8"),
             ("application_name", cfg.application_name.as_str()),
         ];
+        if cfg.replication {
+            params.push(("replication", "database"));
+        }
         if !cfg.options.is_empty() {
             params.push(("options", cfg.options.as_str()));
         }
@@ -349,6 +425,85 @@ impl Session {
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Sends `sql`, a `COPY ... TO STDOUT`, and waits for the server to
+    /// start sending its data (then `copy_data` reads it). The server's
+    /// error if it refused.
+    pub async fn start_copy_out(&mut self, sql: &str) -> Result<(), ReplError> {
+        frontend::query(sql, &mut self.conn.out).map_err(io)?;
+        self.conn.flush_out().await?;
+        loop {
+            let (tag, body) = self.conn.frame().await?;
+            match tag {
+                b'H' => return Ok(()),
+                b'E' => {
+                    let e = parse_error(&body);
+                    while self.conn.frame().await?.0 != b'Z' {}
+                    return Err(e);
+                }
+                b'Z' => {
+                    return Err(ReplError::Protocol(
+                        "the statement sent no COPY data".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads the data of the COPY `start_copy_out` started, handing the
+    /// payloads of its CopyData messages (each appended by `append`) to
+    /// `sink`, concatenated in chunks of about `chunk` bytes, with how many
+    /// messages and payload bytes each holds. Returns
+    /// false when `sink` refused a chunk (the session is then in the middle
+    /// of the COPY and can only be dropped); the server's error if it ended
+    /// the COPY with one.
+    pub async fn copy_data(
+        &mut self,
+        chunk: usize,
+        append: &mut dyn FnMut(&[u8], &mut BytesMut),
+        sink: &mut dyn FnMut(Bytes, u64, u64) -> bool,
+    ) -> Result<bool, ReplError> {
+        let mut out = BytesMut::with_capacity(chunk + 8192);
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        let mut failure = None;
+        loop {
+            let scan = scan_copy_out(&self.conn.buf, &mut out, chunk, append)?;
+            self.conn.buf.advance(scan.consumed);
+            rows += scan.rows;
+            bytes += scan.bytes;
+            if failure.is_none() {
+                failure = scan.error;
+            }
+            if scan.ready {
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                return Ok(out.is_empty() || sink(out.split().freeze(), rows, bytes));
+            }
+            if out.len() >= chunk {
+                if !sink(out.split().freeze(), rows, bytes) {
+                    return Ok(false);
+                }
+                (rows, bytes) = (0, 0);
+                out.reserve(chunk + 8192);
+                continue;
+            }
+            // The next message is not complete: room for more of it (a
+            // claimed length reserves at most 1 MB ahead), read.
+            let missing = scan.need.saturating_sub(self.conn.buf.len()).min(1 << 20);
+            self.conn.buf.reserve(missing.max(COPY_READ));
+            let n = self
+                .conn
+                .stream
+                .read_buf(&mut self.conn.buf)
+                .await
+                .map_err(io)?;
+            if n == 0 {
+                return Err(ReplError::Io("the source closed the connection".into()));
             }
         }
     }
@@ -870,6 +1025,7 @@ mod tests {
                     mode: crate::source::tls::SslMode::Disable,
                     ..Default::default()
                 },
+                replication: true,
             };
             let e = Session::connect(&cfg).await.err().expect("refused");
             let msg = e.to_string();

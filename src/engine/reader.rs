@@ -1,0 +1,260 @@
+//! The snapshot's reader: a second source connection inside the exported
+//! snapshot, on a thread of its own, that runs each table's `COPY ... TO
+//! STDOUT` and hands the rows to the worker's thread in large chunks. The
+//! receiving, message parsing and batching of a copy then run beside the
+//! load into the destination (on another core) instead of between its
+//! parts; the worker's thread only copies each chunk into COPY FROM.
+//!
+//! The thread never calls into PostgreSQL (no pgrx), and every signal is
+//! blocked in it from its first instruction, so PostgreSQL's handlers only
+//! ever run on the main thread. It holds the same snapshot as the worker's
+//! own snapshot connection, so the rows are the same; before each COPY it
+//! takes the table's lock with NOWAIT (a DDL queued behind the worker's
+//! lock would otherwise wedge both). Anything that keeps it from starting
+//! a copy — no free connection on the source, the lock, an error — makes
+//! the worker copy that table, and the ones after it, on its own snapshot
+//! connection as before; an error in the middle of a copy fails the copy
+//! as an error of the inline path would.
+
+use super::*;
+use crate::control::worker::stopping;
+use bytes::Bytes;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+
+/// Bytes of rows handed over at once.
+const CHUNK: usize = 256 * 1024;
+/// Chunks read ahead of the load (what the reader may hold in memory).
+const CHUNKS_AHEAD: usize = 8;
+/// How often a wait for the reader checks whether the worker is stopping.
+const POLL: Duration = Duration::from_millis(250);
+
+/// What the reader says about one copy, in order: `Started` or
+/// `Unavailable`, then `Rows` until `End` or `Failed`.
+enum Piece {
+    Started,
+    Unavailable(String),
+    /// Rows as the destination reads them, with how many and their bytes
+    /// as received.
+    Rows {
+        data: Bytes,
+        rows: u64,
+        bytes: u64,
+    },
+    End,
+    Failed(String),
+}
+
+struct Request {
+    /// The table, schema-qualified and quoted, to lock before the copy.
+    table: String,
+    sql: String,
+    /// Binary format: per column, whether it is `char(n)`.
+    trim: Option<Vec<bool>>,
+    out: SyncSender<Piece>,
+}
+
+/// The worker's handle on the reader; dropping it ends the reader's
+/// transaction and connection (the thread is not waited for).
+pub(super) struct Reader {
+    requests: Option<Sender<Request>>,
+}
+
+impl Reader {
+    /// Starts the reader's thread, which connects and imports `snapshot`
+    /// while the worker goes on; a first copy waits for it.
+    pub(super) fn start(info: &ConnInfo, snapshot: &str) -> Reader {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let info = info.clone();
+        let snapshot = snapshot.to_string();
+        // The new thread inherits the signal mask of the one creating it:
+        // block everything around the spawn, so no signal can reach it
+        // before it runs.
+        let spawned = with_signals_blocked(|| {
+            std::thread::Builder::new()
+                .name("synchdb reader".into())
+                .spawn(move || serve(info, snapshot, rx))
+        });
+        match spawned {
+            Ok(_) => Reader { requests: Some(tx) },
+            Err(e) => {
+                pgrx::log!("synchdb: snapshot reader not started ({e}); copying on the snapshot connection");
+                Reader { requests: None }
+            }
+        }
+    }
+
+    /// Starts copying `sql` (a COPY ... TO STDOUT of `table`; `trim` when
+    /// in the binary format, which columns are `char(n)`); `None` when the
+    /// reader cannot, and the caller copies the table itself.
+    pub(super) fn copy(
+        &mut self,
+        connector: &str,
+        table: &TableRef,
+        sql: &str,
+        trim: Option<Vec<bool>>,
+    ) -> Result<Option<ReaderFeed>, Stop> {
+        let Some(requests) = &self.requests else {
+            return Ok(None);
+        };
+        let (out, rx) = mpsc::sync_channel(CHUNKS_AHEAD);
+        let sent = requests.send(Request {
+            table: sqlgen::qualified(&table.schema, &table.table),
+            sql: sql.to_string(),
+            trim,
+            out,
+        });
+        if sent.is_err() {
+            self.requests = None;
+            return Ok(None);
+        }
+        let first = loop {
+            match rx.recv_timeout(POLL) {
+                Ok(p) => break Some(p),
+                Err(RecvTimeoutError::Timeout) if stopping() => return Err(Stop::Shutdown),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break None,
+            }
+        };
+        match first {
+            Some(Piece::Started) => Ok(Some(ReaderFeed { rx, ended: false })),
+            Some(Piece::Unavailable(why)) => {
+                pgrx::log!(
+                    "synchdb: connector \"{connector}\": the snapshot reader cannot copy {table} ({why}); copying on the snapshot connection"
+                );
+                self.requests = None;
+                Ok(None)
+            }
+            _ => {
+                self.requests = None;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The rows of one copy as the reader hands them over.
+pub(super) struct ReaderFeed {
+    rx: Receiver<Piece>,
+    ended: bool,
+}
+
+impl ReaderFeed {
+    /// The next chunk (None at the end); `on_batch(rows, bytes)` is told of
+    /// each.
+    pub(super) fn next(
+        &mut self,
+        on_batch: &mut dyn FnMut(u64, u64),
+    ) -> Result<Option<Bytes>, String> {
+        if self.ended {
+            return Ok(None);
+        }
+        loop {
+            if stopping() {
+                return Err("the connector is stopping".into());
+            }
+            match self.rx.recv_timeout(POLL) {
+                Ok(Piece::Rows { data, rows, bytes }) => {
+                    on_batch(rows, bytes);
+                    return Ok(Some(data));
+                }
+                Ok(Piece::End) => {
+                    self.ended = true;
+                    return Ok(None);
+                }
+                Ok(Piece::Failed(e)) => return Err(e),
+                Ok(Piece::Started | Piece::Unavailable(_)) => {
+                    return Err("the snapshot reader broke its protocol".into())
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err("the snapshot reader ended in the middle of a copy".into())
+                }
+            }
+        }
+    }
+}
+
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain libc calls on local signal sets for the calling thread;
+    // the previous mask is restored before returning.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
+/// The reader's thread: no pgrx from here on.
+fn serve(info: ConnInfo, snapshot: String, requests: Receiver<Request>) {
+    let unavailable = |why: String| {
+        // Tell whoever asks first why there is no reader.
+        if let Ok(req) = requests.recv() {
+            let _ = req.out.send(Piece::Unavailable(why));
+        }
+    };
+    let rt = match source::runtime() {
+        Ok(rt) => rt,
+        Err(e) => return unavailable(e.to_string()),
+    };
+    let mut cfg = super::stream::replication_config(&info);
+    cfg.replication = false;
+    let opened = rt.block_on(async {
+        let mut session = replication::Session::connect(&cfg).await?;
+        session
+            .simple_query(&format!(
+                "SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                snapshot.replace('\'', "''")
+            ))
+            .await?;
+        Ok::<_, replication::ReplError>(session)
+    });
+    let mut session = match opened {
+        Ok(s) => s,
+        Err(e) => return unavailable(e.to_string()),
+    };
+    while let Ok(req) = requests.recv() {
+        let started = rt.block_on(async {
+            session
+                .simple_query(&format!(
+                    "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
+                    req.table
+                ))
+                .await?;
+            session.start_copy_out(&req.sql).await
+        });
+        if let Err(e) = started {
+            // The transaction is aborted: this reader is done.
+            let _ = req.out.send(Piece::Unavailable(e.to_string()));
+            return;
+        }
+        if req.out.send(Piece::Started).is_err() {
+            return;
+        }
+        // Blocks while the load is CHUNKS_AHEAD behind; the source waits
+        // on TCP meanwhile.
+        let mut sink = |data: Bytes, rows: u64, bytes: u64| {
+            req.out.send(Piece::Rows { data, rows, bytes }).is_ok()
+        };
+        let mut trimmer =
+            crate::source::binary_copy::BlankTrimmer::new(req.trim.unwrap_or_default());
+        let mut append = |msg: &[u8], out: &mut bytes::BytesMut| trimmer.append(msg, out);
+        match rt.block_on(session.copy_data(CHUNK, &mut append, &mut sink)) {
+            Ok(true) => {
+                if req.out.send(Piece::End).is_err() {
+                    return;
+                }
+            }
+            Ok(false) => return,
+            Err(e) => {
+                let _ = req.out.send(Piece::Failed(e.to_string()));
+                return;
+            }
+        }
+    }
+    // The worker is done with the snapshot: end the transaction.
+    let _ = rt.block_on(session.simple_query("COMMIT"));
+}

@@ -14,17 +14,27 @@
 //! a copy — no free connection on the source, the lock, an error — makes
 //! the worker copy that table, and the ones after it, on its own snapshot
 //! connection as before; an error in the middle of a copy fails the copy
-//! as an error of the inline path would.
+//! as an error of the inline path would. Any other lock the reader's COPY
+//! waits for (an index's, a TOAST table's) is given up after
+//! `lock_timeout` (1 s): PostgreSQL cannot see a wait between the worker's
+//! two connections, so none may last.
+//!
+//! What is read ahead of the load is bounded in bytes (`AHEAD`, or one
+//! chunk when a single row is larger).
 
 use super::*;
 use crate::control::worker::stopping;
 use bytes::Bytes;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Bytes of rows handed over at once.
 const CHUNK: usize = 256 * 1024;
-/// Chunks read ahead of the load (what the reader may hold in memory).
-const CHUNKS_AHEAD: usize = 8;
+/// Bytes handed over and not yet loaded, at most (or one chunk).
+const AHEAD: usize = 2 * 1024 * 1024;
+/// How long the worker waits, when done with the reader, for its thread to
+/// end its transaction and close its connection.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// How often a wait for the reader checks whether the worker is stopping.
 const POLL: Duration = Duration::from_millis(250);
 
@@ -50,13 +60,61 @@ struct Request {
     sql: String,
     /// Binary format: per column, whether it is `char(n)`.
     trim: Option<Vec<bool>>,
-    out: SyncSender<Piece>,
+    out: Sender<Piece>,
+    budget: Arc<Budget>,
+}
+
+/// The bytes handed over and not yet taken by the load.
+#[derive(Default)]
+struct Budget {
+    /// (bytes in flight, the taking side is gone)
+    state: Mutex<(usize, bool)>,
+    changed: Condvar,
+}
+
+impl Budget {
+    /// Waits until `n` more bytes may be handed over (always when nothing
+    /// is in flight); false when the taking side is gone.
+    fn acquire(&self, n: usize) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !g.1 && g.0 > 0 && g.0.saturating_add(n) > AHEAD {
+            g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        if g.1 {
+            return false;
+        }
+        g.0 += n;
+        true
+    }
+
+    fn release(&self, n: usize) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = g.0.saturating_sub(n);
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.1 = true;
+        self.changed.notify_all();
+    }
 }
 
 /// The worker's handle on the reader; dropping it ends the reader's
-/// transaction and connection (the thread is not waited for).
+/// transaction and connection, waiting a little for the thread to close it
+/// (so the connection is free for what comes next).
 pub(super) struct Reader {
     requests: Option<Sender<Request>>,
+    ended: Option<Receiver<()>>,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.recv_timeout(CLOSE_WAIT);
+        }
+    }
 }
 
 impl Reader {
@@ -64,6 +122,7 @@ impl Reader {
     /// while the worker goes on; a first copy waits for it.
     pub(super) fn start(info: &ConnInfo, snapshot: &str) -> Reader {
         let (tx, rx) = mpsc::channel::<Request>();
+        let (ended_tx, ended) = mpsc::channel::<()>();
         let info = info.clone();
         let snapshot = snapshot.to_string();
         // The new thread inherits the signal mask of the one creating it:
@@ -72,13 +131,22 @@ impl Reader {
         let spawned = with_signals_blocked(|| {
             std::thread::Builder::new()
                 .name("synchdb reader".into())
-                .spawn(move || serve(info, snapshot, rx))
+                .spawn(move || {
+                    serve(info, snapshot, rx);
+                    let _ = ended_tx.send(());
+                })
         });
         match spawned {
-            Ok(_) => Reader { requests: Some(tx) },
+            Ok(_) => Reader {
+                requests: Some(tx),
+                ended: Some(ended),
+            },
             Err(e) => {
                 pgrx::log!("synchdb: snapshot reader not started ({e}); copying on the snapshot connection");
-                Reader { requests: None }
+                Reader {
+                    requests: None,
+                    ended: None,
+                }
             }
         }
     }
@@ -96,12 +164,14 @@ impl Reader {
         let Some(requests) = &self.requests else {
             return Ok(None);
         };
-        let (out, rx) = mpsc::sync_channel(CHUNKS_AHEAD);
+        let (out, rx) = mpsc::channel();
+        let budget = Arc::new(Budget::default());
         let sent = requests.send(Request {
             table: sqlgen::qualified(&table.schema, &table.table),
             sql: sql.to_string(),
             trim,
             out,
+            budget: budget.clone(),
         });
         if sent.is_err() {
             self.requests = None;
@@ -116,7 +186,11 @@ impl Reader {
             }
         };
         match first {
-            Some(Piece::Started) => Ok(Some(ReaderFeed { rx, ended: false })),
+            Some(Piece::Started) => Ok(Some(ReaderFeed {
+                rx,
+                budget,
+                ended: false,
+            })),
             Some(Piece::Unavailable(why)) => {
                 pgrx::log!(
                     "synchdb: connector \"{connector}\": the snapshot reader cannot copy {table} ({why}); copying on the snapshot connection"
@@ -135,7 +209,15 @@ impl Reader {
 /// The rows of one copy as the reader hands them over.
 pub(super) struct ReaderFeed {
     rx: Receiver<Piece>,
+    budget: Arc<Budget>,
     ended: bool,
+}
+
+impl Drop for ReaderFeed {
+    fn drop(&mut self) {
+        // A reader waiting to hand over more gives up.
+        self.budget.close();
+    }
 }
 
 impl ReaderFeed {
@@ -154,6 +236,7 @@ impl ReaderFeed {
             }
             match self.rx.recv_timeout(POLL) {
                 Ok(Piece::Rows { data, rows, bytes }) => {
+                    self.budget.release(data.len());
                     on_batch(rows, bytes);
                     return Ok(Some(data));
                 }
@@ -206,7 +289,7 @@ fn serve(info: ConnInfo, snapshot: String, requests: Receiver<Request>) {
         let mut session = replication::Session::connect(&cfg).await?;
         session
             .simple_query(&format!(
-                "SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                "SET lock_timeout = '1s'; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
                 snapshot.replace('\'', "''")
             ))
             .await?;
@@ -234,10 +317,11 @@ fn serve(info: ConnInfo, snapshot: String, requests: Receiver<Request>) {
         if req.out.send(Piece::Started).is_err() {
             return;
         }
-        // Blocks while the load is CHUNKS_AHEAD behind; the source waits
-        // on TCP meanwhile.
+        // Waits while the load is AHEAD behind; the source waits on TCP
+        // meanwhile.
+        let budget = req.budget.clone();
         let mut sink = |data: Bytes, rows: u64, bytes: u64| {
-            req.out.send(Piece::Rows { data, rows, bytes }).is_ok()
+            budget.acquire(data.len()) && req.out.send(Piece::Rows { data, rows, bytes }).is_ok()
         };
         let mut trimmer =
             crate::source::binary_copy::BlankTrimmer::new(req.trim.unwrap_or_default());
@@ -257,4 +341,40 @@ fn serve(info: ConnInfo, snapshot: String, requests: Receiver<Request>) {
     }
     // The worker is done with the snapshot: end the transaction.
     let _ = rt.block_on(session.simple_query("COMMIT"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_bounds_bytes_ahead_but_always_lets_one_chunk_through() {
+        let b = Arc::new(Budget::default());
+        // A chunk larger than the whole budget passes when nothing is ahead.
+        assert!(b.acquire(AHEAD * 3));
+        // The next waits until the load takes it.
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(CHUNK))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        b.release(AHEAD * 3);
+        assert!(waiter.join().expect("waiter"));
+        // Up to AHEAD in flight without waiting.
+        let mut n = CHUNK;
+        while n + CHUNK <= AHEAD {
+            assert!(b.acquire(CHUNK));
+            n += CHUNK;
+        }
+        // The load going away ends a wait with false.
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.acquire(CHUNK))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        b.close();
+        assert!(!waiter.join().expect("waiter"));
+        assert!(!b.acquire(1));
+    }
 }

@@ -291,7 +291,8 @@ pub(super) fn snapshot_tables(
         &ctx.name,
         &progress_estimates(ctx, rt, &client, &shapes)?,
     );
-    let mut reader = super::reader::Reader::start(info, &snapshot_name);
+    // Started at the first table copied the usual way.
+    let mut reader: Option<super::reader::Reader> = None;
     let mut restart = false;
     for shape in &shapes {
         if crate::control::worker::stopping() {
@@ -423,7 +424,10 @@ pub(super) fn snapshot_tables(
             };
             // Read by the reader's thread when it can, else here.
             let trim = binary.then(|| char_columns(shape));
-            let mut feed_state = match reader.copy(&ctx.name, t, &sql, trim)? {
+            let mut feed_state = match reader
+                .get_or_insert_with(|| super::reader::Reader::start(info, &snapshot_name))
+                .copy(&ctx.name, t, &sql, trim)?
+            {
                 Some(f) => TableFeed::Reader(f),
                 None => {
                     let stream =

@@ -123,6 +123,10 @@ pub struct CopyScan {
     pub bytes: u64,
     /// The server's error, when it sent one.
     pub error: Option<ReplError>,
+    /// CopyDone seen.
+    pub copy_done: bool,
+    /// CommandComplete seen.
+    pub complete: bool,
     /// ReadyForQuery seen: the statement is over.
     pub ready: bool,
     /// When the pass stopped at an incomplete message (the first byte not
@@ -166,12 +170,14 @@ pub fn scan_copy_out(
                 scan.bytes += body.len() as u64;
             }
             b'E' if scan.error.is_none() => scan.error = Some(parse_error(body)),
+            b'c' => scan.copy_done = true,
+            b'C' => scan.complete = true,
             b'Z' => {
                 scan.ready = true;
                 at += 1 + len;
                 break;
             }
-            // CopyDone, CommandComplete, notices, parameter status.
+            // Notices, parameter status, notifications.
             _ => {}
         }
         at += 1 + len;
@@ -449,6 +455,12 @@ impl Session {
                         "the statement sent no COPY data".into(),
                     ))
                 }
+                b'G' | b'W' | b'd' => {
+                    return Err(ReplError::Protocol(format!(
+                        "unexpected message '{}' before the COPY's data",
+                        tag as char
+                    )))
+                }
                 _ => {}
             }
         }
@@ -470,17 +482,26 @@ impl Session {
         let mut out = BytesMut::with_capacity(chunk + 8192);
         let (mut rows, mut bytes) = (0u64, 0u64);
         let mut failure = None;
+        let (mut copy_done, mut complete) = (false, false);
         loop {
             let scan = scan_copy_out(&self.conn.buf, &mut out, chunk, append)?;
             self.conn.buf.advance(scan.consumed);
             rows += scan.rows;
             bytes += scan.bytes;
+            copy_done |= scan.copy_done;
+            complete |= scan.complete;
             if failure.is_none() {
                 failure = scan.error;
             }
             if scan.ready {
                 if let Some(e) = failure {
                     return Err(e);
+                }
+                // All the data, and the server saying so.
+                if !(copy_done && complete) {
+                    return Err(ReplError::Protocol(
+                        "the COPY ended without CopyDone and CommandComplete".into(),
+                    ));
                 }
                 return Ok(out.is_empty() || sink(out.split().freeze(), rows, bytes));
             }
@@ -503,7 +524,8 @@ impl Session {
                 .await
                 .map_err(io)?;
             if n == 0 {
-                return Err(ReplError::Io("the source closed the connection".into()));
+                return Err(failure
+                    .unwrap_or_else(|| ReplError::Io("the source closed the connection".into())));
             }
         }
     }
@@ -884,6 +906,149 @@ mod tests {
             assert!(take_frame(&mut buf).is_err(), "length {len}");
             assert!(buf.capacity() < 1 << 20);
         }
+    }
+
+    /// A fake server: trusts the startup, then answers the one query with
+    /// `reply`, written `piece` bytes at a time, then closes. Returns what
+    /// `start_copy_out` + `copy_data` made of it: the chunks concatenated,
+    /// the messages and payload bytes counted.
+    fn fake_copy(reply: Vec<u8>, piece: usize) -> Result<(Vec<u8>, u64, u64), ReplError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let server = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await; // startup
+                s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0])
+                    .await
+                    .expect("ok");
+                s.write_all(&frame(b'Z', b"I")).await.expect("ready");
+                let _ = s.read(&mut buf).await; // the query
+                for p in reply.chunks(piece.max(1)) {
+                    if s.write_all(p).await.is_err() {
+                        return;
+                    }
+                    s.flush().await.ok();
+                    tokio::task::yield_now().await;
+                }
+            });
+            let cfg = Config {
+                host: "127.0.0.1".into(),
+                port,
+                user: "u".into(),
+                password: String::new(),
+                dbname: "d".into(),
+                application_name: "t".into(),
+                options: String::new(),
+                tls: crate::source::tls::Options {
+                    mode: crate::source::tls::SslMode::Disable,
+                    ..Default::default()
+                },
+                replication: false,
+            };
+            let mut session = Session::connect(&cfg).await.expect("connects");
+            let mut got = Vec::new();
+            let (mut rows, mut bytes) = (0, 0);
+            let r = async {
+                session.start_copy_out("COPY t TO STDOUT").await?;
+                let mut append = |m: &[u8], out: &mut BytesMut| out.extend_from_slice(m);
+                let mut sink = |b: Bytes, r: u64, n: u64| {
+                    got.extend_from_slice(&b);
+                    rows += r;
+                    bytes += n;
+                    true
+                };
+                session.copy_data(16, &mut append, &mut sink).await
+            }
+            .await;
+            server.abort();
+            r.map(|done| {
+                assert!(done);
+                (got, rows, bytes)
+            })
+        })
+    }
+
+    fn copy_reply(rows: &[&[u8]], tail: &[Vec<u8>]) -> Vec<u8> {
+        let mut v = frame(b'H', &[0, 0, 0]);
+        for r in rows {
+            v.extend(frame(b'd', r));
+        }
+        for t in tail {
+            v.extend_from_slice(t);
+        }
+        v
+    }
+
+    fn copy_end() -> Vec<Vec<u8>> {
+        vec![
+            frame(b'c', b""),
+            frame(b'C', b"COPY 3\0"),
+            frame(b'Z', b"I"),
+        ]
+    }
+
+    #[test]
+    fn copy_out_data_arrives_whole_however_it_is_split() {
+        let rows: [&[u8]; 3] = [
+            b"1\ta\n",
+            b"",
+            b"22\tbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\n",
+        ];
+        let mut with_noise = copy_end();
+        with_noise.insert(0, frame(b'N', b"SNOTICE\0Mhello\0\0"));
+        for piece in [1, 2, 5, 7, 64, 4096] {
+            let (got, n, bytes) =
+                fake_copy(copy_reply(&rows, &with_noise), piece).expect("copy succeeds");
+            assert_eq!(got, rows.concat(), "piece {piece}");
+            assert_eq!(n, 3);
+            assert_eq!(bytes, rows.concat().len() as u64);
+        }
+    }
+
+    #[test]
+    fn copy_out_errors_are_the_servers() {
+        let err = frame(b'E', b"SERROR\0C57014\0Mcanceling statement\0\0");
+        // In the middle of the data.
+        let e = fake_copy(copy_reply(&[b"1\n"], &[err.clone(), frame(b'Z', b"I")]), 3)
+            .expect_err("fails");
+        assert!(e.to_string().contains("canceling statement"), "{e}");
+        // Then the connection closes (FATAL): still the server's message.
+        let e =
+            fake_copy(copy_reply(&[b"1\n"], std::slice::from_ref(&err)), 4096).expect_err("fails");
+        assert!(e.to_string().contains("canceling statement"), "{e}");
+        // Before the data.
+        let mut before = err.clone();
+        before.extend(frame(b'Z', b"I"));
+        let e = fake_copy(before, 4096).expect_err("fails");
+        assert!(e.to_string().contains("57014"), "{e}");
+    }
+
+    #[test]
+    fn copy_out_protocol_violations_are_refused() {
+        // Ready without CopyDone / CommandComplete: the data may be cut short.
+        let e = fake_copy(copy_reply(&[b"1\n"], &[frame(b'Z', b"I")]), 4096).expect_err("cut");
+        assert!(e.to_string().contains("without CopyDone"), "{e}");
+        // Data before CopyOutResponse; CopyIn / CopyBoth instead of it.
+        for tag in [b'd', b'G', b'W'] {
+            let e = fake_copy(frame(tag, b"x"), 4096).expect_err("refused");
+            assert!(e.to_string().contains("before the COPY"), "{e}");
+        }
+        // An absurd length.
+        let mut bad = frame(b'H', &[0, 0, 0]);
+        bad.extend_from_slice(&[b'd', 0x7f, 0xff, 0xff, 0xff]);
+        let e = fake_copy(bad, 4096).expect_err("refused");
+        assert!(e.to_string().contains("claims length"), "{e}");
+        // The connection closing in the middle.
+        let e = fake_copy(copy_reply(&[b"1\n"], &[]), 4096).expect_err("closed");
+        assert!(e.to_string().contains("closed the connection"), "{e}");
     }
 
     #[test]

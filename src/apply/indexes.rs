@@ -205,11 +205,19 @@ pub async fn read_indexes(
     relid: u32,
     src_schema: &str,
 ) -> Result<Vec<SourceIndex>, SourceError> {
+    // The savepoint and the search path the definitions are printed for,
+    // in one round trip (an E'' literal reads the same whatever
+    // standard_conforming_strings says).
+    let path = quote_ident(src_schema)
+        .replace('\\', "\\\\")
+        .replace('\'', "''");
     client
-        .batch_execute("SAVEPOINT synchdb_indexes")
+        .batch_execute(&format!(
+            "SAVEPOINT synchdb_indexes; SELECT pg_catalog.set_config('search_path', E'{path}', true)"
+        ))
         .await
         .map_err(SourceError::from_pg)?;
-    let r = read_indexes_inner(client, relid, src_schema).await;
+    let r = read_indexes_inner(client, relid).await;
     let undo = client
         .batch_execute("ROLLBACK TO SAVEPOINT synchdb_indexes; RELEASE SAVEPOINT synchdb_indexes")
         .await
@@ -219,26 +227,9 @@ pub async fn read_indexes(
     Ok(list)
 }
 
-async fn read_indexes_inner(
-    client: &Client,
-    relid: u32,
-    src_schema: &str,
-) -> Result<Vec<SourceIndex>, SourceError> {
-    let version: i32 = client
-        .query_one(
-            "SELECT pg_catalog.current_setting('server_version_num')::int",
-            &[],
-        )
-        .await
-        .map_err(SourceError::from_pg)?
-        .get(0);
-    client
-        .execute(
-            "SELECT pg_catalog.set_config('search_path', $1, true)",
-            &[&quote_ident(src_schema)],
-        )
-        .await
-        .map_err(SourceError::from_pg)?;
+async fn read_indexes_inner(client: &Client, relid: u32) -> Result<Vec<SourceIndex>, SourceError> {
+    // Read when the connection was opened.
+    let version = crate::source::catalog::server_version();
     let rows = client
         .query(index_list_sql(version).as_str(), &[&relid])
         .await

@@ -26,8 +26,12 @@ static ERROR_STRATEGY: GucSetting<ErrorStrategy> =
 static LAUNCHER_DATABASE: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(Some(c"postgres"));
 
-/// Rows per batch handed from the snapshot reader to the destination COPY.
+/// Bytes of COPY data the snapshot reader holds ahead of the destination's
+/// COPY (at least one chunk).
 static SNAPSHOT_BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// Whether each table's rows are read by the snapshot reader (a second
+/// source connection on a thread of its own).
+static SNAPSHOT_READER: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// Upper bound of the retry backoff for source connection problems, in seconds.
 static MAX_RETRY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(30);
@@ -72,8 +76,8 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"synchdb.snapshot_batch_bytes",
-        c"Bytes of COPY data buffered between the snapshot reader and the destination.",
-        c"Bounds the memory a table copy uses.",
+        c"Bytes of COPY data the snapshot reader holds ahead of the destination's COPY.",
+        c"Bounds the memory a table copy uses (one row is always let through, however large).",
         &SNAPSHOT_BATCH_BYTES,
         8 * 1024,
         256 * 1024 * 1024,
@@ -183,6 +187,10 @@ pub fn snapshot_batch_bytes() -> usize {
     usize::try_from(SNAPSHOT_BATCH_BYTES.get()).unwrap_or(1024 * 1024)
 }
 
+pub fn snapshot_reader() -> bool {
+    SNAPSHOT_READER.get()
+}
+
 pub fn max_retry_interval() -> std::time::Duration {
     std::time::Duration::from_secs(u64::try_from(MAX_RETRY_INTERVAL_S.get()).unwrap_or(30))
 }
@@ -228,6 +236,14 @@ fn init_compat() {
             None,
         );
     }
+    GucRegistry::define_bool_guc(
+        c"synchdb.snapshot_reader",
+        c"Whether a second source connection reads the rows of a snapshot's tables, beside the load.",
+        c"Off: each table is read on the snapshot connection itself (one source connection fewer, slower on a busy worker).",
+        &SNAPSHOT_READER,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"synchdb.synchdb_auto_launcher",
         c"Whether connectors that were active are started again when the server starts.",

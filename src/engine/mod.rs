@@ -661,8 +661,14 @@ fn describe_tables(
     tables: &[TableRef],
 ) -> Result<(Vec<SourceTable>, Vec<source::UserType>), Stop> {
     let mut shapes: Vec<SourceTable> = Vec::new();
-    for t in tables {
-        match block(rt, source::describe_table(client, t))? {
+    // Read-only queries, pipelined on the connection (sent without waiting
+    // for each other's answers: one wait for all tables, not one each).
+    let described = block(
+        rt,
+        futures_util::future::join_all(tables.iter().map(|t| source::describe_table(client, t))),
+    )?;
+    for r in described {
+        match r {
             Ok(s) => shapes.push(s),
             Err(SourceError::MissingTable(_)) => continue,
             Err(e) => return Err(e.into()),

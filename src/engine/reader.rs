@@ -19,8 +19,9 @@
 //! `lock_timeout` (1 s): PostgreSQL cannot see a wait between the worker's
 //! two connections, so none may last.
 //!
-//! What is read ahead of the load is bounded in bytes (`AHEAD`, or one
-//! chunk when a single row is larger).
+//! What is read ahead of the load is bounded in bytes
+//! (`synchdb.snapshot_batch_bytes`, or one chunk when it is smaller or a
+//! single row is larger).
 
 use super::*;
 use crate::control::worker::stopping;
@@ -30,8 +31,6 @@ use std::sync::{Arc, Condvar, Mutex};
 
 /// Bytes of rows handed over at once.
 const CHUNK: usize = 256 * 1024;
-/// Bytes handed over and not yet loaded, at most (or one chunk).
-const AHEAD: usize = 2 * 1024 * 1024;
 /// How long the worker waits, when done with the reader, for its thread to
 /// end its transaction and close its connection.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -65,19 +64,28 @@ struct Request {
 }
 
 /// The bytes handed over and not yet taken by the load.
-#[derive(Default)]
 struct Budget {
+    /// Bytes in flight at most (one chunk is always let through).
+    limit: usize,
     /// (bytes in flight, the taking side is gone)
     state: Mutex<(usize, bool)>,
     changed: Condvar,
 }
 
 impl Budget {
+    fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            state: Mutex::new((0, false)),
+            changed: Condvar::new(),
+        }
+    }
+
     /// Waits until `n` more bytes may be handed over (always when nothing
     /// is in flight); false when the taking side is gone.
     fn acquire(&self, n: usize) -> bool {
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while !g.1 && g.0 > 0 && g.0.saturating_add(n) > AHEAD {
+        while !g.1 && g.0 > 0 && g.0.saturating_add(n) > self.limit {
             g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         if g.1 {
@@ -119,8 +127,16 @@ impl Drop for Reader {
 
 impl Reader {
     /// Starts the reader's thread, which connects and imports `snapshot`
-    /// while the worker goes on; a first copy waits for it.
-    pub(super) fn start(info: &ConnInfo, snapshot: &str) -> Reader {
+    /// while the worker goes on; a first copy waits for it. Not `enabled`:
+    /// a reader that copies nothing (every table on the snapshot connection).
+    pub(super) fn start(info: &ConnInfo, snapshot: &str, enabled: bool) -> Reader {
+        if !enabled {
+            // synchdb.snapshot_reader = off.
+            return Reader {
+                requests: None,
+                ended: None,
+            };
+        }
         let (tx, rx) = mpsc::channel::<Request>();
         let (ended_tx, ended) = mpsc::channel::<()>();
         let info = info.clone();
@@ -165,7 +181,7 @@ impl Reader {
             return Ok(None);
         };
         let (out, rx) = mpsc::channel();
-        let budget = Arc::new(Budget::default());
+        let budget = Arc::new(Budget::new(gucs::snapshot_batch_bytes()));
         let sent = requests.send(Request {
             table: sqlgen::qualified(&table.schema, &table.table),
             sql: sql.to_string(),
@@ -300,15 +316,11 @@ fn serve(info: ConnInfo, snapshot: String, requests: Receiver<Request>) {
         Err(e) => return unavailable(e.to_string()),
     };
     while let Ok(req) = requests.recv() {
-        let started = rt.block_on(async {
-            session
-                .simple_query(&format!(
-                    "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
-                    req.table
-                ))
-                .await?;
-            session.start_copy_out(&req.sql).await
-        });
+        // The lock and the COPY in one message (one round trip).
+        let started = rt.block_on(session.start_copy_out(&format!(
+            "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT; {}",
+            req.table, req.sql
+        )));
         if let Err(e) = started {
             // The transaction is aborted: this reader is done.
             let _ = req.out.send(Piece::Unavailable(e.to_string()));
@@ -349,7 +361,8 @@ mod tests {
 
     #[test]
     fn budget_bounds_bytes_ahead_but_always_lets_one_chunk_through() {
-        let b = Arc::new(Budget::default());
+        const AHEAD: usize = 2 * 1024 * 1024;
+        let b = Arc::new(Budget::new(AHEAD));
         // A chunk larger than the whole budget passes when nothing is ahead.
         assert!(b.acquire(AHEAD * 3));
         // The next waits until the load takes it.

@@ -183,37 +183,45 @@ pub(super) fn open_snapshot(
     }
     let names = sqlgen::destination_names(&inside);
     let (shapes, user_types) = describe_tables(rt, &client, &todo)?;
-    for shape in &shapes {
+    // All in one statement and one query (a round trip each, however many
+    // tables).
+    if !shapes.is_empty() {
+        let names: Vec<String> = shapes
+            .iter()
+            .map(|s| sqlgen::qualified(&s.table.schema, &s.table.table))
+            .collect();
         block(
             rt,
             client.batch_execute(&format!(
                 "LOCK TABLE {} IN ACCESS SHARE MODE",
-                sqlgen::qualified(&shape.table.schema, &shape.table.table)
+                names.join(", ")
             )),
         )?
         .map_err(SourceError::from_pg)?;
-        let rewritten: i64 = block(
+        let oids: Vec<u32> = shapes.iter().map(|s| s.oid).collect();
+        let rewritten = block(
             rt,
-            client.query_one(
-                "WITH RECURSIVE tree(relid) AS (
-                     SELECT $1::oid
+            client.query(
+                "WITH RECURSIVE tree(root, relid) AS (
+                     SELECT r, r FROM unnest($1::oid[]) r
                      UNION ALL
-                     SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid)
-                 SELECT count(*) FROM pg_catalog.pg_class c
-                  WHERE c.oid IN (SELECT relid FROM tree)
-                    AND c.relkind <> 'p' AND c.relfilenode <> 0
+                     SELECT tree.root, i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid)
+                 SELECT DISTINCT tree.root FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid
+                  WHERE c.relkind <> 'p' AND c.relfilenode <> 0
                     AND c.relfilenode IS DISTINCT FROM pg_catalog.pg_relation_filenode(c.oid)",
-                &[&shape.oid],
+                &[&oids],
             ),
         )?
-        .map_err(SourceError::from_pg)?
-        .get(0);
-        if rewritten > 0 {
-            pgrx::log!(
-                "synchdb: connector \"{}\": {} was rewritten on the source just after the snapshot was taken; taking a new snapshot",
-                ctx.name,
-                shape.table
-            );
+        .map_err(SourceError::from_pg)?;
+        if let Some(row) = rewritten.first() {
+            let oid: u32 = row.get(0);
+            if let Some(shape) = shapes.iter().find(|s| s.oid == oid) {
+                pgrx::log!(
+                    "synchdb: connector \"{}\": {} was rewritten on the source just after the snapshot was taken; taking a new snapshot",
+                    ctx.name,
+                    shape.table
+                );
+            }
             return Ok(None);
         }
     }
@@ -425,7 +433,9 @@ pub(super) fn snapshot_tables(
             // Read by the reader's thread when it can, else here.
             let trim = binary.then(|| char_columns(shape));
             let mut feed_state = match reader
-                .get_or_insert_with(|| super::reader::Reader::start(info, &snapshot_name))
+                .get_or_insert_with(|| {
+                    super::reader::Reader::start(info, &snapshot_name, gucs::snapshot_reader())
+                })
                 .copy(&ctx.name, t, &sql, trim)?
             {
                 Some(f) => TableFeed::Reader(f),
@@ -591,26 +601,25 @@ fn progress_estimates(
 ) -> Result<Vec<crate::control::progress::TableEstimate>, Stop> {
     let mut out: Vec<_> = shapes.iter().map(estimate_of).collect();
     block(rt, client.batch_execute("SAVEPOINT synchdb_estimate"))?.map_err(SourceError::from_pg)?;
-    for (e, shape) in out.iter_mut().zip(shapes) {
-        match block(rt, crate::source::sizes::estimate(client, shape.oid))? {
-            Ok((rows, bytes)) => {
+    let oids: Vec<u32> = shapes.iter().map(|s| s.oid).collect();
+    match block(rt, crate::source::sizes::estimate(client, &oids))? {
+        Ok(sizes) => {
+            for (e, (rows, bytes)) in out.iter_mut().zip(sizes) {
                 e.rows = rows;
                 e.bytes = bytes;
             }
-            Err(err) => {
-                pgrx::log!(
-                    "synchdb: connector \"{}\": estimating the size of {}: {}",
-                    ctx.name,
-                    shape.table,
-                    crate::source::catalog::describe_pg_error(&err)
-                );
-                block(
-                    rt,
-                    client.batch_execute("ROLLBACK TO SAVEPOINT synchdb_estimate"),
-                )?
-                .map_err(SourceError::from_pg)?;
-                break;
-            }
+        }
+        Err(err) => {
+            pgrx::log!(
+                "synchdb: connector \"{}\": estimating the sizes of the tables to copy: {}",
+                ctx.name,
+                crate::source::catalog::describe_pg_error(&err)
+            );
+            block(
+                rt,
+                client.batch_execute("ROLLBACK TO SAVEPOINT synchdb_estimate"),
+            )?
+            .map_err(SourceError::from_pg)?;
         }
     }
     block(

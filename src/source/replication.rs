@@ -435,9 +435,10 @@ impl Session {
         }
     }
 
-    /// Sends `sql`, a `COPY ... TO STDOUT`, and waits for the server to
-    /// start sending its data (then `copy_data` reads it). The server's
-    /// error if it refused.
+    /// Sends `sql`, ending in a `COPY ... TO STDOUT` (statements before it
+    /// may come in the same message), and waits for the server to start
+    /// sending its data (then `copy_data` reads it). The server's error if
+    /// it refused.
     pub async fn start_copy_out(&mut self, sql: &str) -> Result<(), ReplError> {
         frontend::query(sql, &mut self.conn.out).map_err(io)?;
         self.conn.flush_out().await?;

@@ -7,12 +7,12 @@
 use tokio_postgres::Client;
 
 const ESTIMATE: &str = "
-WITH RECURSIVE tree(relid) AS (
-    SELECT $1::oid
+WITH RECURSIVE tree(root, relid) AS (
+    SELECT r, r FROM unnest($1::oid[]) r
     UNION ALL
-    SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid),
+    SELECT tree.root, i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid),
 leaf AS (
-    SELECT c.reltuples::float8 AS reltuples, c.relpages::float8 AS relpages,
+    SELECT tree.root, c.reltuples::float8 AS reltuples, c.relpages::float8 AS relpages,
            pg_catalog.pg_relation_size(c.oid)::float8 AS heap,
            coalesce(pg_catalog.pg_table_size(c.oid), 0)::float8 AS size,
            (SELECT coalesce(sum(CASE WHEN a.attlen > 0 THEN a.attlen ELSE 32 END), 0)
@@ -21,20 +21,38 @@ leaf AS (
            current_setting('block_size')::float8 AS bs
       FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid
      WHERE c.relkind IN ('r', 'm'))
-SELECT coalesce(sum(CASE WHEN relpages > 0 AND reltuples >= 0
+SELECT r.root,
+       coalesce(sum(CASE WHEN relpages > 0 AND reltuples >= 0
                          THEN reltuples / relpages * ceil(heap / bs)
                          ELSE ceil(heap / bs) * floor((bs - 24) / (width + 28))
                     END), 0)::int8,
        coalesce(sum(size), 0)::int8
-  FROM leaf";
+  FROM unnest($1::oid[]) AS r(root) LEFT JOIN leaf USING (root)
+ GROUP BY r.root";
 
-/// (rows, bytes) of table `oid` and its descendants.
-pub async fn estimate(client: &Client, oid: u32) -> Result<(u64, u64), tokio_postgres::Error> {
-    let row = client.query_one(ESTIMATE, &[&oid]).await?;
-    let rows: i64 = row.try_get(0)?;
-    let bytes: i64 = row.try_get(1)?;
-    Ok((
-        u64::try_from(rows).unwrap_or(0),
-        u64::try_from(bytes).unwrap_or(0),
-    ))
+/// (rows, bytes) of each table of `oids` with its descendants, in one
+/// query; in the order of `oids`.
+pub async fn estimate(
+    client: &Client,
+    oids: &[u32],
+) -> Result<Vec<(u64, u64)>, tokio_postgres::Error> {
+    let list: Vec<u32> = oids.to_vec();
+    let rows = client.query(ESTIMATE, &[&list]).await?;
+    let mut found = std::collections::HashMap::new();
+    for row in rows {
+        let oid: u32 = row.try_get(0)?;
+        let n: i64 = row.try_get(1)?;
+        let bytes: i64 = row.try_get(2)?;
+        found.insert(
+            oid,
+            (
+                u64::try_from(n).unwrap_or(0),
+                u64::try_from(bytes).unwrap_or(0),
+            ),
+        );
+    }
+    Ok(oids
+        .iter()
+        .map(|o| found.get(o).copied().unwrap_or((0, 0)))
+        .collect())
 }

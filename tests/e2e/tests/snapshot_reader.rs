@@ -23,9 +23,9 @@ fn stored(c: &Cluster, table: &str) -> Option<String> {
     ))
 }
 
-#[test]
-fn char_values_are_stored_exactly_as_on_the_source() {
-    let pair = Pair::new();
+/// Blank-padded and unpadded character values of every kind, NULLs and
+/// 20 000 more rows (several chunks).
+fn chars_table(pair: &Pair) {
     pair.src.execute(
         "CREATE TABLE public.chars (id int PRIMARY KEY, c1 char(1), c5 char(5), c10 char(10),
                                     bp bpchar, ch \"char\", ac char(3)[], v varchar(6), t text);
@@ -41,6 +41,12 @@ fn char_values_are_stored_exactly_as_on_the_source() {
                   'c', ARRAY[repeat('v', g % 4)], repeat('u', g % 7), repeat('t ', g % 5)
              FROM generate_series(100, 20099) g;",
     );
+}
+
+#[test]
+fn char_values_are_stored_exactly_as_on_the_source() {
+    let pair = Pair::new();
+    chars_table(&pair);
     pair.add_connector("rd");
     pair.start("rd", "initial");
     wait_until(LONG, "chars copied", || {
@@ -67,6 +73,29 @@ fn char_values_are_stored_exactly_as_on_the_source() {
         stored(&pair.dst, "postgres.chars"),
         stored(&pair.src, "public.chars")
     );
+}
+
+#[test]
+fn reader_off_copies_the_same_values_on_the_snapshot_connection() {
+    let pair = Pair::new();
+    pair.dst
+        .execute("ALTER SYSTEM SET synchdb.snapshot_reader = off");
+    pair.dst.execute("SELECT pg_reload_conf()");
+    chars_table(&pair);
+    pair.add_connector("ro");
+    pair.start("ro", "initial");
+    wait_until(LONG, "chars copied", || {
+        pair.dst.count(
+            "SELECT count(*) FROM synchdb_table_state WHERE name = 'ro' AND src_table = 'chars' AND state = 'ready'",
+        ) == 1
+    });
+    assert_eq!(
+        stored(&pair.dst, "postgres.chars"),
+        stored(&pair.src, "public.chars")
+    );
+    let log = pair.dst.log_contents();
+    assert!(log.contains("copied 20006 rows of public.chars"), "{log}");
+    assert!(!log.contains("snapshot reader"), "{log}");
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! STDOUT` and hands the rows to the worker's thread in large chunks. The
 //! receiving, message parsing and batching of a copy then run beside the
 //! load into the destination (on another core) instead of between its
-//! parts; the worker's thread only copies each chunk into COPY FROM.
+//! parts; the worker's thread only copies each chunk into COPY FROM. A
+//! copy is asked for before the destination table is prepared (the
+//! request does not wait), so the source starts sending meanwhile.
 //!
 //! The thread never calls into PostgreSQL (no pgrx), and every signal is
 //! blocked in it from its first instruction, so PostgreSQL's handlers only
@@ -26,6 +28,7 @@
 use super::*;
 use crate::control::worker::stopping;
 use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -114,6 +117,8 @@ impl Budget {
 pub(super) struct Reader {
     requests: Option<Sender<Request>>,
     ended: Option<Receiver<()>>,
+    /// Set by a feed whose copy the reader could not start.
+    dead: Arc<AtomicBool>,
 }
 
 impl Drop for Reader {
@@ -135,6 +140,7 @@ impl Reader {
             return Reader {
                 requests: None,
                 ended: None,
+                dead: Arc::default(),
             };
         }
         let (tx, rx) = mpsc::channel::<Request>();
@@ -156,30 +162,35 @@ impl Reader {
             Ok(_) => Reader {
                 requests: Some(tx),
                 ended: Some(ended),
+                dead: Arc::default(),
             },
             Err(e) => {
                 pgrx::log!("synchdb: snapshot reader not started ({e}); copying on the snapshot connection");
                 Reader {
                     requests: None,
                     ended: None,
+                    dead: Arc::default(),
                 }
             }
         }
     }
 
-    /// Starts copying `sql` (a COPY ... TO STDOUT of `table`; `trim` when
-    /// in the binary format, which columns are `char(n)`); `None` when the
-    /// reader cannot, and the caller copies the table itself.
+    /// Asks the reader to copy `sql` (a COPY ... TO STDOUT of `table`;
+    /// `trim` when in the binary format, which columns are `char(n)`), and
+    /// returns at once: the source starts the COPY while the worker
+    /// prepares the destination table. `None` when there is no reader (the
+    /// caller copies the table itself); whether the reader could start is
+    /// known at the feed's first `next`.
     pub(super) fn copy(
         &mut self,
-        connector: &str,
         table: &TableRef,
         sql: &str,
         trim: Option<Vec<bool>>,
-    ) -> Result<Option<ReaderFeed>, Stop> {
-        let Some(requests) = &self.requests else {
-            return Ok(None);
-        };
+    ) -> Option<ReaderFeed> {
+        if self.dead.load(Ordering::Relaxed) {
+            self.requests = None;
+        }
+        let requests = self.requests.as_ref()?;
         let (out, rx) = mpsc::channel();
         let budget = Arc::new(Budget::new(gucs::snapshot_batch_bytes()));
         let sent = requests.send(Request {
@@ -191,42 +202,35 @@ impl Reader {
         });
         if sent.is_err() {
             self.requests = None;
-            return Ok(None);
+            return None;
         }
-        let first = loop {
-            match rx.recv_timeout(POLL) {
-                Ok(p) => break Some(p),
-                Err(RecvTimeoutError::Timeout) if stopping() => return Err(Stop::Shutdown),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break None,
-            }
-        };
-        match first {
-            Some(Piece::Started) => Ok(Some(ReaderFeed {
-                rx,
-                budget,
-                ended: false,
-            })),
-            Some(Piece::Unavailable(why)) => {
-                pgrx::log!(
-                    "synchdb: connector \"{connector}\": the snapshot reader cannot copy {table} ({why}); copying on the snapshot connection"
-                );
-                self.requests = None;
-                Ok(None)
-            }
-            _ => {
-                self.requests = None;
-                Ok(None)
-            }
-        }
+        Some(ReaderFeed {
+            rx,
+            budget,
+            started: false,
+            ended: false,
+            dead: self.dead.clone(),
+        })
     }
+}
+
+/// What a reader's feed has next.
+pub(super) enum Next {
+    Rows(Bytes),
+    End,
+    /// The reader could not start this copy (why): copy it on the snapshot
+    /// connection. The reader copies nothing more.
+    NotStarted(String),
 }
 
 /// The rows of one copy as the reader hands them over.
 pub(super) struct ReaderFeed {
     rx: Receiver<Piece>,
     budget: Arc<Budget>,
+    started: bool,
     ended: bool,
+    /// Shared with the `Reader`: set when a copy could not start.
+    dead: Arc<AtomicBool>,
 }
 
 impl Drop for ReaderFeed {
@@ -237,37 +241,45 @@ impl Drop for ReaderFeed {
 }
 
 impl ReaderFeed {
-    /// The next chunk (None at the end); `on_batch(rows, bytes)` is told of
-    /// each.
-    pub(super) fn next(
-        &mut self,
-        on_batch: &mut dyn FnMut(u64, u64),
-    ) -> Result<Option<Bytes>, String> {
+    /// The next chunk; `on_batch(rows, bytes)` is told of each.
+    pub(super) fn next(&mut self, on_batch: &mut dyn FnMut(u64, u64)) -> Result<Next, String> {
         if self.ended {
-            return Ok(None);
+            return Ok(Next::End);
         }
         loop {
             if stopping() {
                 return Err("the connector is stopping".into());
             }
-            match self.rx.recv_timeout(POLL) {
-                Ok(Piece::Rows { data, rows, bytes }) => {
-                    self.budget.release(data.len());
-                    on_batch(rows, bytes);
-                    return Ok(Some(data));
+            let piece = match self.rx.recv_timeout(POLL) {
+                Ok(p) => p,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) if !self.started => {
+                    // The thread ended before this copy (after a copy that
+                    // could not start).
+                    self.dead.store(true, Ordering::Relaxed);
+                    return Ok(Next::NotStarted("the reader has ended".into()));
                 }
-                Ok(Piece::End) => {
-                    self.ended = true;
-                    return Ok(None);
-                }
-                Ok(Piece::Failed(e)) => return Err(e),
-                Ok(Piece::Started | Piece::Unavailable(_)) => {
-                    return Err("the snapshot reader broke its protocol".into())
-                }
-                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err("the snapshot reader ended in the middle of a copy".into())
                 }
+            };
+            match piece {
+                Piece::Started if !self.started => self.started = true,
+                Piece::Unavailable(why) if !self.started => {
+                    self.dead.store(true, Ordering::Relaxed);
+                    return Ok(Next::NotStarted(why));
+                }
+                Piece::Rows { data, rows, bytes } if self.started => {
+                    self.budget.release(data.len());
+                    on_batch(rows, bytes);
+                    return Ok(Next::Rows(data));
+                }
+                Piece::End if self.started => {
+                    self.ended = true;
+                    return Ok(Next::End);
+                }
+                Piece::Failed(e) if self.started => return Err(e),
+                _ => return Err("the snapshot reader broke its protocol".into()),
             }
         }
     }

@@ -436,7 +436,7 @@ pub(super) fn snapshot_tables(
                 .get_or_insert_with(|| {
                     super::reader::Reader::start(info, &snapshot_name, gucs::snapshot_reader())
                 })
-                .copy(&ctx.name, t, &sql, trim)?
+                .copy(t, &sql, trim)
             {
                 Some(f) => TableFeed::Reader(f),
                 None => {
@@ -445,7 +445,14 @@ pub(super) fn snapshot_tables(
                     TableFeed::Inline(super::parallel::BatchedFeed::new(Box::pin(stream)))
                 }
             };
-            let mut feed = || feed_state.next(rt, &mut |r, b| copying.add(r, b));
+            let mut feed = || {
+                feed_state.next(rt, &client, &sql, &mut |r, b| copying.add(r, b), &|why| {
+                    pgrx::log!(
+                        "synchdb: connector \"{}\": the snapshot reader cannot copy {t} ({why}); copying on the snapshot connection",
+                        ctx.name
+                    )
+                })
+            };
             pgtxn::run(|| {
                 schema::ensure_user_types(&user_types, dst_schema);
                 let build_pk = if schema::create_table(dst_schema, &dst, shape, true) {
@@ -534,14 +541,32 @@ enum TableFeed {
 }
 
 impl TableFeed {
+    /// The next rows; a reader that could not start the copy gives way to
+    /// the snapshot connection (`told` why), which then copies the table.
     fn next(
         &mut self,
         rt: &tokio::runtime::Runtime,
+        client: &tokio_postgres::Client,
+        sql: &str,
         on_batch: &mut dyn FnMut(u64, u64),
+        told: &dyn Fn(&str),
     ) -> Result<Option<bytes::Bytes>, String> {
+        if let TableFeed::Reader(f) = self {
+            match f.next(on_batch)? {
+                super::reader::Next::Rows(b) => return Ok(Some(b)),
+                super::reader::Next::End => return Ok(None),
+                super::reader::Next::NotStarted(why) => {
+                    told(&why);
+                    let stream = block(rt, client.copy_out(sql))
+                        .map_err(|_| "the connector is stopping".to_string())?
+                        .map_err(|e| source::describe_pg_error(&e))?;
+                    *self = TableFeed::Inline(super::parallel::BatchedFeed::new(Box::pin(stream)));
+                }
+            }
+        }
         match self {
-            TableFeed::Reader(f) => f.next(on_batch),
             TableFeed::Inline(f) => f.next(rt, on_batch),
+            TableFeed::Reader(_) => Ok(None),
         }
     }
 }

@@ -211,13 +211,15 @@ pub async fn read_indexes(
     let path = quote_ident(src_schema)
         .replace('\\', "\\\\")
         .replace('\'', "''");
-    client
+    let r = match client
         .batch_execute(&format!(
             "SAVEPOINT synchdb_indexes; SELECT pg_catalog.set_config('search_path', E'{path}', true)"
         ))
         .await
-        .map_err(SourceError::from_pg)?;
-    let r = read_indexes_inner(client, relid).await;
+    {
+        Ok(()) => read_indexes_inner(client, relid).await,
+        Err(e) => Err(SourceError::from_pg(e)),
+    };
     let undo = client
         .batch_execute("ROLLBACK TO SAVEPOINT synchdb_indexes; RELEASE SAVEPOINT synchdb_indexes")
         .await

@@ -77,7 +77,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"synchdb.snapshot_batch_bytes",
         c"Bytes of COPY data the snapshot reader holds ahead of the destination's COPY.",
-        c"Bounds the memory a table copy uses (one row is always let through, however large).",
+        c"Bounds the memory a table copy uses (one 256 kB chunk, or one row when a row is larger, is always let through).",
         &SNAPSHOT_BATCH_BYTES,
         8 * 1024,
         256 * 1024 * 1024,

@@ -662,10 +662,15 @@ fn describe_tables(
 ) -> Result<(Vec<SourceTable>, Vec<source::UserType>), Stop> {
     let mut shapes: Vec<SourceTable> = Vec::new();
     // Read-only queries, pipelined on the connection (sent without waiting
-    // for each other's answers: one wait for all tables, not one each).
-    let described = block(
+    // for each other's answers), up to DESCRIBE_AHEAD tables at once; the
+    // answers come in order, so the first error is the one that happened
+    // (those after it only say the transaction is aborted).
+    const DESCRIBE_AHEAD: usize = 32;
+    let described: Vec<_> = block(
         rt,
-        futures_util::future::join_all(tables.iter().map(|t| source::describe_table(client, t))),
+        futures_util::stream::iter(tables.iter().map(|t| source::describe_table(client, t)))
+            .buffered(DESCRIBE_AHEAD)
+            .collect(),
     )?;
     for r in described {
         match r {

@@ -317,7 +317,7 @@ fn serve(info: ConnInfo, snapshot: String, requests: Receiver<Request>) {
         let mut session = replication::Session::connect(&cfg).await?;
         session
             .simple_query(&format!(
-                "SET lock_timeout = '1s'; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                "SET idle_in_transaction_session_timeout = 0; SET lock_timeout = '1s'; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
                 snapshot.replace('\'', "''")
             ))
             .await?;

@@ -447,8 +447,13 @@ impl Session {
             match tag {
                 b'H' => return Ok(()),
                 b'E' => {
+                    // The server's error, also when it then closes.
                     let e = parse_error(&body);
-                    while self.conn.frame().await?.0 != b'Z' {}
+                    while let Ok((tag, _)) = self.conn.frame().await {
+                        if tag == b'Z' {
+                            break;
+                        }
+                    }
                     return Err(e);
                 }
                 b'Z' => {
@@ -909,6 +914,24 @@ mod tests {
         }
     }
 
+    /// A connection to a fake server on this machine, without TLS.
+    fn plain_config(port: u16, password: &str, replication: bool) -> Config {
+        Config {
+            host: "127.0.0.1".into(),
+            port,
+            user: "u".into(),
+            password: password.into(),
+            dbname: "d".into(),
+            application_name: "t".into(),
+            options: String::new(),
+            tls: crate::source::tls::Options {
+                mode: crate::source::tls::SslMode::Disable,
+                ..Default::default()
+            },
+            replication,
+        }
+    }
+
     /// A fake server: trusts the startup, then answers the one query with
     /// `reply`, written `piece` bytes at a time, then closes. Returns what
     /// `start_copy_out` + `copy_data` made of it: the chunks concatenated,
@@ -940,20 +963,7 @@ mod tests {
                     tokio::task::yield_now().await;
                 }
             });
-            let cfg = Config {
-                host: "127.0.0.1".into(),
-                port,
-                user: "u".into(),
-                password: String::new(),
-                dbname: "d".into(),
-                application_name: "t".into(),
-                options: String::new(),
-                tls: crate::source::tls::Options {
-                    mode: crate::source::tls::SslMode::Disable,
-                    ..Default::default()
-                },
-                replication: false,
-            };
+            let cfg = plain_config(port, "", false);
             let mut session = Session::connect(&cfg).await.expect("connects");
             let mut got = Vec::new();
             let (mut rows, mut bytes) = (0, 0);
@@ -1179,20 +1189,7 @@ mod tests {
                 s.write_all(&[b'Z', 0, 0, 0, 5, b'I']).await.expect("ready");
                 let _ = s.read(&mut buf).await;
             });
-            let cfg = Config {
-                host: "127.0.0.1".into(),
-                port,
-                user: "u".into(),
-                password: "secret-pw".into(),
-                dbname: "d".into(),
-                application_name: "t".into(),
-                options: String::new(),
-                tls: crate::source::tls::Options {
-                    mode: crate::source::tls::SslMode::Disable,
-                    ..Default::default()
-                },
-                replication: true,
-            };
+            let cfg = plain_config(port, "secret-pw", true);
             let e = Session::connect(&cfg).await.err().expect("refused");
             let msg = e.to_string();
             assert!(msg.contains("did not prove it knows the password"), "{msg}");

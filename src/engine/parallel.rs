@@ -379,10 +379,9 @@ pub(super) fn copy_range(
     let refs: Vec<&str> = s_cols.iter().map(|s| s.as_str()).collect();
     let sql = range_query(&s_schema, &s_table, &refs, &PageRange { first, end });
     let sql = if binary { binary_format(&sql) } else { sql };
-    let stream = block(rt, client.copy_out(sql.as_str()))
+    let mut feed_state = BatchedFeed::open(rt, client, &sql)
         .map_err(stop_text)?
         .map_err(|e| source::describe_pg_error(&e))?;
-    let mut feed_state = BatchedFeed::new(Box::pin(stream));
     let mut feed = || feed_state.next(rt, on_batch);
     let opts = crate::apply::applier::CopyOptions {
         freeze: false,
@@ -415,11 +414,16 @@ pub(super) struct BatchedFeed {
 }
 
 impl BatchedFeed {
-    pub(super) fn new(stream: std::pin::Pin<Box<tokio_postgres::CopyOutStream>>) -> Self {
-        BatchedFeed {
-            stream,
+    /// Starts `sql`, a COPY ... TO STDOUT, on `client`.
+    pub(super) fn open(
+        rt: &tokio::runtime::Runtime,
+        client: &tokio_postgres::Client,
+        sql: &str,
+    ) -> Result<Result<Self, tokio_postgres::Error>, Stop> {
+        Ok(block(rt, client.copy_out(sql))?.map(|stream| BatchedFeed {
+            stream: Box::pin(stream),
             ended: false,
-        }
+        }))
     }
 
     /// The next batch (None at the end); `on_batch(rows, bytes)` is told
@@ -531,9 +535,8 @@ fn copy_worker(connector: &str, id: i32) -> Result<(), String> {
     block(
         &rt,
         client.batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'; \
-             SET LOCAL lock_timeout = '1s'",
-            snapshot.replace('\'', "''")
+            "{}; SET LOCAL lock_timeout = '1s'",
+            source::begin_in_snapshot(&snapshot)
         )),
     )
     .map_err(stop_text)?

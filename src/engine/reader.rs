@@ -131,17 +131,22 @@ impl Drop for Reader {
 }
 
 impl Reader {
+    /// A reader that copies nothing.
+    fn none() -> Reader {
+        Reader {
+            requests: None,
+            ended: None,
+            dead: Arc::default(),
+        }
+    }
+
     /// Starts the reader's thread, which connects and imports `snapshot`
-    /// while the worker goes on; a first copy waits for it. Not `enabled`:
+    /// while the worker goes on (the first copy's first read waits for it). Not `enabled`:
     /// a reader that copies nothing (every table on the snapshot connection).
     pub(super) fn start(info: &ConnInfo, snapshot: &str, enabled: bool) -> Reader {
         if !enabled {
             // synchdb.snapshot_reader = off.
-            return Reader {
-                requests: None,
-                ended: None,
-                dead: Arc::default(),
-            };
+            return Reader::none();
         }
         let (tx, rx) = mpsc::channel::<Request>();
         let (ended_tx, ended) = mpsc::channel::<()>();
@@ -166,11 +171,7 @@ impl Reader {
             },
             Err(e) => {
                 pgrx::log!("synchdb: snapshot reader not started ({e}); copying on the snapshot connection");
-                Reader {
-                    requests: None,
-                    ended: None,
-                    dead: Arc::default(),
-                }
+                Reader::none()
             }
         }
     }
@@ -286,17 +287,13 @@ impl ReaderFeed {
 }
 
 fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: plain libc calls on local signal sets for the calling thread;
-    // the previous mask is restored before returning.
+    let old = source::block_signals();
+    let r = f();
+    // SAFETY: restores the calling thread's own previous mask.
     unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
     }
+    r
 }
 
 /// The reader's thread: no pgrx from here on.
@@ -317,8 +314,8 @@ fn serve(info: ConnInfo, snapshot: String, requests: Receiver<Request>) {
         let mut session = replication::Session::connect(&cfg).await?;
         session
             .simple_query(&format!(
-                "SET idle_in_transaction_session_timeout = 0; SET lock_timeout = '1s'; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-                snapshot.replace('\'', "''")
+                "SET idle_in_transaction_session_timeout = 0; SET lock_timeout = '1s'; {}",
+                source::begin_in_snapshot(&snapshot)
             ))
             .await?;
         Ok::<_, replication::ReplError>(session)

@@ -144,8 +144,8 @@ pub(super) fn open_snapshot(
     block(
         rt,
         client.batch_execute(&format!(
-            "SET idle_in_transaction_session_timeout = 0; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-            snapshot_name.replace('\'', "''")
+            "SET idle_in_transaction_session_timeout = 0; {}",
+            source::begin_in_snapshot(&snapshot_name)
         )),
     )?
     .map_err(SourceError::from_pg)?;
@@ -439,11 +439,10 @@ pub(super) fn snapshot_tables(
                 .copy(t, &sql, trim)
             {
                 Some(f) => TableFeed::Reader(f),
-                None => {
-                    let stream =
-                        block(rt, client.copy_out(sql.as_str()))?.map_err(SourceError::from_pg)?;
-                    TableFeed::Inline(super::parallel::BatchedFeed::new(Box::pin(stream)))
-                }
+                None => TableFeed::Inline(
+                    super::parallel::BatchedFeed::open(rt, &client, &sql)?
+                        .map_err(SourceError::from_pg)?,
+                ),
             };
             let mut feed = || {
                 feed_state.next(rt, &client, &sql, &mut |r, b| copying.add(r, b), &|why| {
@@ -557,10 +556,11 @@ impl TableFeed {
                 super::reader::Next::End => return Ok(None),
                 super::reader::Next::NotStarted(why) => {
                     told(&why);
-                    let stream = block(rt, client.copy_out(sql))
-                        .map_err(|_| "the connector is stopping".to_string())?
-                        .map_err(|e| source::describe_pg_error(&e))?;
-                    *self = TableFeed::Inline(super::parallel::BatchedFeed::new(Box::pin(stream)));
+                    *self = TableFeed::Inline(
+                        super::parallel::BatchedFeed::open(rt, client, sql)
+                            .map_err(|_| "the connector is stopping".to_string())?
+                            .map_err(|e| source::describe_pg_error(&e))?,
+                    );
                 }
             }
         }

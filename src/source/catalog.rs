@@ -88,19 +88,33 @@ pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
 pub fn runtime() -> Result<tokio::runtime::Runtime, SourceError> {
     tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(1)
-        .on_thread_start(block_signals)
+        .on_thread_start(|| {
+            block_signals();
+        })
         .enable_all()
         .build()
         .map_err(|e| SourceError::Query(format!("cannot create I/O runtime: {e}")))
 }
 
-fn block_signals() {
-    // SAFETY: plain libc calls on a local signal set for the calling thread.
+/// Blocks every signal in the calling thread; returns the mask before.
+pub fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on local signal sets for the calling thread.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
     }
+}
+
+/// The statements that open a transaction inside the exported snapshot
+/// `name` (read only, repeatable read, as every copy reads).
+pub fn begin_in_snapshot(name: &str) -> String {
+    format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+        name.replace('\'', "''")
+    )
 }
 
 /// Session settings pinned on every source connection, normal and

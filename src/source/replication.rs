@@ -85,18 +85,24 @@ pub struct Config {
 /// One frame of the backend protocol: type byte and body.
 type Frame = (u8, Bytes);
 
-/// Takes one complete message off the front of `buf`, if there is one.
-pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ReplError> {
-    if buf.len() < 5 {
-        return Ok(None);
-    }
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    let len = usize::try_from(len)
+/// The length a message's 5-byte header (type byte, length) claims,
+/// refused outside 4 ..= MAX_MESSAGE.
+fn claimed_length(head: &[u8; 5]) -> Result<usize, ReplError> {
+    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    usize::try_from(len)
         .ok()
         .filter(|l| (4..=MAX_MESSAGE).contains(l))
         .ok_or_else(|| {
-            ReplError::Protocol(format!("message '{}' claims length {len}", buf[0] as char))
-        })?;
+            ReplError::Protocol(format!("message '{}' claims length {len}", head[0] as char))
+        })
+}
+
+/// Takes one complete message off the front of `buf`, if there is one.
+pub fn take_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ReplError> {
+    let Some(head) = buf.first_chunk::<5>() else {
+        return Ok(None);
+    };
+    let len = claimed_length(head)?;
     if buf.len() < 1 + len {
         // Room for more of it, grown as the data arrives (a claimed length
         // reserves at most 1 MB ahead of what was received).
@@ -148,17 +154,11 @@ pub fn scan_copy_out(
     let mut scan = CopyScan::default();
     let mut at = 0usize;
     while out.len() < limit {
-        let Some(head) = buf.get(at..at + 5) else {
+        let Some(head) = buf.get(at..).and_then(|b| b.first_chunk::<5>()) else {
             break;
         };
         let tag = head[0];
-        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|l| (4..=MAX_MESSAGE).contains(l))
-            .ok_or_else(|| {
-                ReplError::Protocol(format!("message '{}' claims length {len}", tag as char))
-            })?;
+        let len = claimed_length(head)?;
         let Some(body) = buf.get(at + 5..at + 1 + len) else {
             scan.need = 1 + len;
             break;

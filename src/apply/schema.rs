@@ -859,6 +859,8 @@ pub fn diff_columns(
     let src_names: Vec<&str> = source.iter().map(|c| c.0.as_str()).collect();
     let dst_names: Vec<&str> = dest.iter().map(|c| c.0.as_str()).collect();
     let mut changes = Vec::new();
+    // (source index, destination index) of the renamed columns.
+    let mut renamed: Vec<(usize, usize)> = Vec::new();
     let missing: Vec<usize> = (0..source.len())
         .filter(|i| !dst_names.contains(&source[*i].0.as_str()))
         .collect();
@@ -869,6 +871,7 @@ pub fn diff_columns(
         // Same position among the columns both sides keep in order.
         if let Some(pos) = surplus.iter().position(|d| *d == i) {
             let d = surplus.remove(pos);
+            renamed.push((i, d));
             changes.push(ColumnChange::Rename {
                 from: dest[d].0.clone(),
                 to: source[i].0.clone(),
@@ -885,8 +888,15 @@ pub fn diff_columns(
             name: dest[d].0.clone(),
         });
     }
+    // A renamed column may have changed type too (after its rename).
     for (i, (name, oid, typmod)) in source.iter().enumerate() {
-        if let (Some(oid), Some(d)) = (oid, dest.iter().find(|d| &d.0 == name)) {
+        let d = dest.iter().find(|d| &d.0 == name).or_else(|| {
+            renamed
+                .iter()
+                .find(|(s, _)| *s == i)
+                .and_then(|(_, d)| dest.get(*d))
+        });
+        if let (Some(oid), Some(d)) = (oid, d) {
             if *oid != d.1 || *typmod != d.2 {
                 changes.push(ColumnChange::Retype {
                     name: name.clone(),
@@ -943,6 +953,20 @@ mod tests {
                 name: "a".into(),
                 source_index: 0
             }]
+        );
+        // Renamed and retyped while no row changed: both, rename first.
+        assert_eq!(
+            diff_columns(&[s("a", 23), s("r", 25)], &[d("a", 23), d("n", 23)]),
+            vec![
+                ColumnChange::Rename {
+                    from: "n".into(),
+                    to: "r".into()
+                },
+                ColumnChange::Retype {
+                    name: "r".into(),
+                    source_index: 1
+                }
+            ]
         );
         // a user-defined type (no comparable OID) is never "retyped"
         assert!(diff_columns(&[("u".into(), None, -1)], &[d("u", 99999)]).is_empty());
